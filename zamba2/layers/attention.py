@@ -1,0 +1,108 @@
+"""Shared attention of a Zamba2 shared block.
+
+Input is the normalised concat(hidden, original embeddings), width W = 2 * hidden. Head dim d = W / heads and the
+score scale is (d / 2)^-0.5, as the published weights were trained with. Optional per-hybrid-layer low-rank
+adapters add B_j A_j x to q, k and v; adapter slot j lives here for the hybrid layers this block serves.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zamba2.cache import HybridCache
+from zamba2.config import Zamba2Config
+from zamba2.ops.rope import apply_rope
+
+
+def low_rank_adapter(d_in: int, rank: int, d_out: int) -> nn.Sequential:
+    """in -> rank -> out, bias-free; `.0` / `.1` are the checkpoint names of the two factors."""
+    return nn.Sequential(nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=False))
+
+
+class AttentionMask:
+    """How the keys of one forward call may be attended: either `is_causal` with no mask or an explicit
+    boolean mask (B, 1, T, S), True = attend. Built once per forward by the backbone."""
+
+    __slots__ = ("mask", "is_causal")
+
+    def __init__(self, mask: torch.Tensor | None, is_causal: bool) -> None:
+        self.mask = mask
+        self.is_causal = is_causal
+
+
+class SharedAttention(nn.Module):
+    def __init__(self, config: Zamba2Config, slots: list[int]) -> None:
+        super().__init__()
+        W = config.attention_hidden_size
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = config.attention_head_dim
+        self.scale = (self.head_dim / 2) ** -0.5
+        self.dropout = config.attention_dropout
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.q_proj = nn.Linear(W, q_out, bias=False)
+        self.k_proj = nn.Linear(W, kv_out, bias=False)
+        self.v_proj = nn.Linear(W, kv_out, bias=False)
+        self.o_proj = nn.Linear(q_out, config.hidden_size, bias=False)
+        self.use_adapters = config.use_shared_attention_adapter
+        if self.use_adapters:
+            r = config.adapter_rank
+            # keyed by hybrid ordinal j; k/v adapters output nkv * d so GQA works
+            self.linear_q_adapter_list = nn.ModuleDict({str(j): low_rank_adapter(W, r, q_out) for j in slots})
+            self.linear_k_adapter_list = nn.ModuleDict({str(j): low_rank_adapter(W, r, kv_out) for j in slots})
+            self.linear_v_adapter_list = nn.ModuleDict({str(j): low_rank_adapter(W, r, kv_out) for j in slots})
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        slot: int,
+        mask: AttentionMask,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: HybridCache | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, W) -> (B, T, hidden), and the attention weights (B, heads, T, S) when asked for."""
+        b, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.use_adapters:
+            key = str(slot)
+            q = q + self.linear_q_adapter_list[key](x)
+            k = k + self.linear_k_adapter_list[key](x)
+            v = v + self.linear_v_adapter_list[key](x)
+        q = q.view(b, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, na, T, d)
+        k = k.view(b, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, d)
+        v = v.view(b, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update_kv(slot, k, v)  # (B, nkv, S, d)
+        dropout = self.dropout if self.training else 0.0
+        if output_attentions:
+            out, weights = self._eager(q, k, v, mask, dropout)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal and T > 1, dropout_p=dropout,
+                scale=self.scale, enable_gqa=self.n_kv != self.n_heads,
+            )  # fmt: skip
+            weights = None
+        out = out.transpose(1, 2).reshape(b, T, self.n_heads * self.head_dim)
+        return self.o_proj(out), weights
+
+    def _eager(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, dropout: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Explicit softmax, for output_attentions."""
+        rep = self.n_heads // self.n_kv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale  # (B, na, T, S)
+        T, S = scores.shape[-2:]
+        allowed = mask.mask
+        if allowed is None and mask.is_causal and T > 1:
+            allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        weights = torch.softmax(scores, dim=-1).to(q.dtype)
+        weights = F.dropout(weights, p=dropout, training=self.training)
+        return torch.matmul(weights, v), weights

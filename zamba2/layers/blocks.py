@@ -1,0 +1,91 @@
+"""The three kinds of layer: a Mamba layer, the shared transformer block, and the hybrid layer that uses one.
+
+The shared block has no residual connections inside; its output goes through the hybrid layer's own `linear`
+and is added to the Mamba layer's input before that layer's norm (the residual stays the plain hidden state).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from zamba2.cache import HybridCache
+from zamba2.config import Zamba2Config
+from zamba2.layers.attention import AttentionMask, SharedAttention
+from zamba2.layers.mamba2 import Mamba2Mixer
+from zamba2.layers.mlp import SharedMLP
+from zamba2.ops.norms import RMSNorm
+
+
+class MambaLayer(nn.Module):
+    """h + Mamba(RMSNorm(h + extra)); `extra` is the shared block's contribution in a hybrid layer."""
+
+    def __init__(self, config: Zamba2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mamba = Mamba2Mixer(config, layer_idx)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: HybridCache | None,
+        extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.input_layernorm(h if extra is None else h + extra)
+        return h + self.mamba(x, mask, cache)
+
+
+class SharedBlock(nn.Module):
+    """Attention + gated MLP over concat(hidden, embeddings). Built once per num_mem_blocks and reused."""
+
+    def __init__(self, config: Zamba2Config, slots: list[int]) -> None:
+        super().__init__()
+        self.slots = slots  # hybrid ordinals this block serves: j with j % num_mem_blocks == its index
+        self.input_layernorm = RMSNorm(config.attention_hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = SharedAttention(config, slots)
+        self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.feed_forward = SharedMLP(config, slots)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        emb: torch.Tensor,
+        slot: int,
+        mask: AttentionMask,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: HybridCache | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.input_layernorm(torch.cat([h, emb], dim=-1))  # (B, T, 2H)
+        a, weights = self.self_attn(x, slot, mask, rope, cache, output_attentions)
+        return self.feed_forward(self.pre_ff_layernorm(a), slot), weights
+
+
+class HybridLayer(nn.Module):
+    """Shared block (slot j) -> this layer's `linear` -> added into this layer's Mamba input."""
+
+    def __init__(self, config: Zamba2Config, layer_idx: int, slot: int, block: SharedBlock, owner: bool) -> None:
+        super().__init__()
+        self.slot = slot
+        self.linear = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.mamba_decoder = MambaLayer(config, layer_idx)
+        if owner:
+            self.shared_transformer = block
+        else:
+            # Referenced, not registered: the block's parameters then appear once in state_dict(), under the
+            # first hybrid layer that uses it, exactly as published checkpoints store them.
+            self.__dict__["shared_transformer"] = block
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        emb: torch.Tensor,
+        mask: torch.Tensor | None,
+        attn_mask: AttentionMask,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: HybridCache | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        t, weights = self.shared_transformer(h, emb, self.slot, attn_mask, rope, cache, output_attentions)
+        return self.mamba_decoder(h, mask, cache, extra=self.linear(t)), weights

@@ -1,0 +1,420 @@
+"""Zamba2 backbone and heads: Zamba2Model, Zamba2ForCausalLM, Zamba2ForSequenceClassification.
+
+    e = embed(ids); h = e
+    for each layer: mamba layer  h = h + Mamba(norm(h))
+                    hybrid j     h = h + Mamba(norm(h + linear_j(Shared_{j % nmb}(h, e, slot j))))
+    h = final_layernorm(h)
+
+The module tree produces the published checkpoint names directly (see blocks.HybridLayer for how the shared
+blocks appear once); zamba2/checkpoint.py is the one place that maps other layouts onto it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from zamba2.cache import HybridCache
+from zamba2.config import Zamba2Config
+from zamba2.layers.attention import AttentionMask
+from zamba2.layers.blocks import HybridLayer, MambaLayer, SharedBlock
+from zamba2.layers.mamba2 import Mamba2Mixer
+from zamba2.ops.norms import GatedRMSNorm, RMSNorm
+from zamba2.ops.rope import rope_tables
+
+# ---- outputs -------------------------------------------------------------------------------------
+
+
+class ModelOutput:
+    """Attribute access, `out["name"]`, `out[i]` over the fields that are set, and `to_tuple()`."""
+
+    def to_tuple(self) -> tuple:
+        return tuple(v for v in (getattr(self, f.name) for f in fields(self)) if v is not None)
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+
+@dataclass
+class BaseModelOutputWithPast(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: HybridCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class CausalLMOutputWithPast(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: HybridCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class SequenceClassifierOutputWithPast(CausalLMOutputWithPast):
+    pass
+
+
+# ---- shared base ---------------------------------------------------------------------------------
+
+
+class Zamba2PreTrainedModel(nn.Module):
+    config: Zamba2Config
+
+    def _post_init(self) -> None:
+        self.apply(self._init_module)
+        self.tie_weights()
+
+    @torch.no_grad()
+    def _init_module(self, module: nn.Module) -> None:
+        """Weight init as documented: linear/embedding N(0, initializer_range), norms 1, SSM parameters per
+        Mamba2. Cheap no-ops on the meta device."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+            if module.padding_idx is not None and module.weight.device.type != "meta":
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, (RMSNorm, GatedRMSNorm)):
+            module.weight.fill_(1.0)
+        elif isinstance(module, Mamba2Mixer) and module.A_log.device.type != "meta":
+            module.init_ssm_parameters(self.config)
+
+    def tie_weights(self) -> None:
+        """Point lm_head at the embedding when the config ties them (also after loading with assign=True)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def gradient_checkpointing_enable(self) -> None:
+        self._backbone().gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._backbone().gradient_checkpointing = False
+
+    def _backbone(self) -> Zamba2Model:
+        return self if isinstance(self, Zamba2Model) else self.model
+
+    # Loading and saving live in zamba2/checkpoint.py; these are the documented entry points.
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device = "cpu",
+        revision: str | None = None,
+        quantize: str | None = None,
+        progress: bool = True,
+        config: Zamba2Config | None = None,
+        num_labels: int | None = None,
+        problem_type: str | None = None,
+        id2label: dict[int, str] | None = None,
+        label2id: dict[str, int] | None = None,
+    ):
+        from zamba2 import checkpoint as ckpt
+
+        overrides = {
+            k: v
+            for k, v in dict(
+                num_labels=num_labels, problem_type=problem_type, id2label=id2label, label2id=label2id
+            ).items()
+            if v is not None
+        }
+        return ckpt.load_pretrained(
+            cls, path_or_id, dtype=dtype, device=device, revision=revision, quantize=quantize,
+            progress=progress, config=config, config_overrides=overrides,
+        )  # fmt: skip
+
+    def save_pretrained(self, folder: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+        from zamba2 import checkpoint as ckpt
+
+        ckpt.save_pretrained(self, folder, max_shard_size=max_shard_size)
+
+
+# ---- backbone ------------------------------------------------------------------------------------
+
+
+def _positions(mask: torch.Tensor | None, b: int, T: int, cache: HybridCache | None, device) -> torch.Tensor:
+    """RoPE positions (B, T): counted over real tokens so a left-padded row matches the same row alone."""
+    start = cache.positions[:, None] if cache is not None else torch.zeros(b, 1, dtype=torch.long, device=device)
+    if mask is None:
+        return start + torch.arange(T, device=device)[None]
+    return start + (mask.to(torch.long).cumsum(-1) - 1).clamp(min=0)
+
+
+class Zamba2Model(Zamba2PreTrainedModel):
+    def __init__(self, config: Zamba2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        nmb = config.num_mem_blocks
+        n_hybrid = len(config.hybrid_layer_ids)
+        blocks = [SharedBlock(config, [j for j in range(n_hybrid) if j % nmb == b]) for b in range(nmb)]
+        layers: list[nn.Module] = []
+        j = 0
+        for idx, kind in enumerate(config.layers_block_type):
+            if kind == "hybrid":
+                layers.append(HybridLayer(config, idx, slot=j, block=blocks[j % nmb], owner=j < nmb))
+                j += 1
+            else:
+                layers.append(MambaLayer(config, idx))
+        self.layers = nn.ModuleList(layers)
+        self.final_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self._post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def new_cache(self, batch_size: int, max_length: int) -> HybridCache:
+        return HybridCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device)
+
+    def _attention_mask(
+        self, mask: torch.Tensor | None, T: int, cache: HybridCache | None, device
+    ) -> AttentionMask:
+        past = cache.seq_len if cache is not None else 0
+        padded = (mask is not None and not bool(mask.all())) or (cache is not None and cache.has_padding)
+        if not padded:
+            return AttentionMask(None, is_causal=past == 0)
+        S = past + T
+        keys = cache.key_mask[:, :S] if cache is not None else mask.to(torch.bool)  # (B, S)
+        q_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1)
+        k_pos = torch.arange(S, device=device)[None]  # (1, S)
+        allowed = (k_pos <= q_pos)[None] & keys[:, None, :]  # (B, T, S)
+        # A padded query has no real key to look at; letting it see itself avoids a NaN row that would
+        # survive the `* mask` of the next Mamba layer (NaN * 0 = NaN).
+        allowed = allowed | (k_pos == q_pos)[None]
+        return AttentionMask(allowed[:, None], is_causal=False)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: HybridCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        cache_position: torch.LongTensor | None = None,
+    ) -> BaseModelOutputWithPast | tuple:
+        """input_ids (B, T) or inputs_embeds (B, T, H); attention_mask (B, T) or (B, past + T), 0 = padding.
+
+        With `past_key_values` the call continues those sequences (one token or several). `cache_position` is
+        accepted for API compatibility; the cache tracks its own position.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        emb = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
+        b, T, _ = emb.shape
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self.new_cache(b, T)
+        if cache is not None and cache.batch_size != b:
+            raise ValueError(f"past_key_values holds {cache.batch_size} sequences but the input has {b}")
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < T:
+                raise ValueError(
+                    f"attention_mask must be (batch, tokens) = ({b}, {T}) or (batch, past + tokens); "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            mask = attention_mask[:, -T:]
+            if bool(mask.all()):
+                mask = None
+        if cache is not None:
+            cache.begin(mask, T)
+        attn_mask = self._attention_mask(mask, T, cache, emb.device)
+        rope = None
+        if self.config.use_mem_rope:
+            if position_ids is None:
+                position_ids = _positions(mask, b, T, cache, emb.device)
+            position_ids = position_ids.expand(b, T)
+            rope = rope_tables(position_ids, self.config.attention_head_dim, self.config.rope_base, emb.dtype)
+
+        h = emb
+        all_hidden: list[torch.Tensor] = []
+        all_attn: list[torch.Tensor] = []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(h)
+            if isinstance(layer, HybridLayer):
+                args = (h, emb, mask, attn_mask, rope, cache, output_attentions)
+            else:
+                args = (h, mask, cache)
+            if self.gradient_checkpointing and self.training:
+                out = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                out = layer(*args)
+            if isinstance(layer, HybridLayer):
+                h, weights = out
+                if output_attentions:
+                    all_attn.append(weights)
+            else:
+                h = out
+        h = self.final_layernorm(h)
+        if output_hidden_states:
+            # embeddings, the outputs of layers 0..L-2 (each layer's input), then the normalised last output
+            all_hidden.append(h)
+        if cache is not None:
+            cache.advance(T, mask)
+        out = BaseModelOutputWithPast(
+            last_hidden_state=h,
+            past_key_values=cache if use_cache or past_key_values is not None else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+        )
+        return out if return_dict else out.to_tuple()
+
+
+# ---- heads ---------------------------------------------------------------------------------------
+
+
+def _keep_positions(h: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """0 = every position; k > 0 = the last k; a 1-D index tensor = those positions."""
+    if isinstance(logits_to_keep, int):
+        return h if logits_to_keep == 0 else h[:, -logits_to_keep:]
+    return h[:, logits_to_keep]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy in fp32: logits at t predict labels at t + 1; -100 is ignored."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
+class Zamba2ForCausalLM(Zamba2PreTrainedModel):
+    def __init__(self, config: Zamba2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Zamba2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._post_init()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: HybridCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+    ) -> CausalLMOutputWithPast | tuple:
+        base = self.model(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+            output_attentions, output_hidden_states, True, cache_position,
+        )  # fmt: skip
+        logits = self.lm_head(_keep_positions(base.last_hidden_state, logits_to_keep))
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        out = CausalLMOutputWithPast(loss, logits, base.past_key_values, base.hidden_states, base.attentions)
+        return out if return_dict else out.to_tuple()
+
+    def generate(self, *args, **kwargs):  # replaced by zamba2.generation when it lands
+        from zamba2.generation import generate
+
+        return generate(self, *args, **kwargs)
+
+
+class Zamba2ForSequenceClassification(Zamba2PreTrainedModel):
+    """Scores the last real token of each row: the last non-pad token when pad_token_id is set, else the last
+    position (which needs batch 1, since padding cannot be told apart)."""
+
+    def __init__(self, config: Zamba2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        self.model = Zamba2Model(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self._post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: HybridCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        cache_position: torch.LongTensor | None = None,
+    ) -> SequenceClassifierOutputWithPast | tuple:
+        base = self.model(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+            output_attentions, output_hidden_states, True, cache_position,
+        )  # fmt: skip
+        logits = self.score(base.last_hidden_state)  # (B, T, labels)
+        b = logits.shape[0]
+        pad = self.config.pad_token_id
+        if pad is None and b != 1:
+            raise ValueError("batch size > 1 needs config.pad_token_id to find each row's last token")
+        if pad is None or input_ids is None:
+            last = torch.full((b,), logits.shape[1] - 1, device=logits.device)
+        else:
+            # index of the last non-pad token (the last position when a row has no padding on the right)
+            idx = torch.arange(input_ids.shape[1], device=logits.device)
+            last = (idx * (input_ids != pad).to(idx.dtype)).argmax(-1)
+        pooled = logits[torch.arange(b, device=logits.device), last]  # (B, labels)
+        loss = self.classification_loss(pooled, labels) if labels is not None else None
+        out = SequenceClassifierOutputWithPast(loss, pooled, base.past_key_values, base.hidden_states, base.attentions)
+        return out if return_dict else out.to_tuple()
+
+    def classification_loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """MSE for regression, CE for single-label, BCE-with-logits for multi-label; inferred when unset."""
+        labels = labels.to(pooled.device)
+        if self.config.problem_type is None:
+            if self.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        kind = self.config.problem_type
+        if kind == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(pooled.squeeze().float(), labels.squeeze().float())
+            return F.mse_loss(pooled.float(), labels.float())
+        if kind == "single_label_classification":
+            return F.cross_entropy(pooled.float().view(-1, self.num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(pooled.float(), labels.float())
