@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zamba2.cache import HybridCache
 from zamba2.config import Zamba2Config
+from zamba2.generation import generate, generate_iter
 from zamba2.layers.attention import AttentionMask
 from zamba2.layers.blocks import HybridLayer, MambaLayer, SharedBlock
 from zamba2.layers.mamba2 import Mamba2Mixer
@@ -199,10 +200,17 @@ class Zamba2Model(Zamba2PreTrainedModel):
     ) -> AttentionMask:
         past = cache.seq_len if cache is not None else 0
         padded = (mask is not None and not bool(mask.all())) or (cache is not None and cache.has_padding)
-        if not padded:
+        if not padded and (past == 0 or T == 1):
+            # SDPA's is_causal aligns the triangle top-left, right only without past keys; one new token
+            # sees every key.
             return AttentionMask(None, is_causal=past == 0)
         S = past + T
-        keys = cache.key_mask[:, :S] if cache is not None else mask.to(torch.bool)  # (B, S)
+        if cache is not None:
+            keys = cache.key_mask[:, :S]  # (B, S)
+        elif mask is not None:
+            keys = mask.to(torch.bool)
+        else:
+            keys = torch.ones(1, S, dtype=torch.bool, device=device)
         q_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1)
         k_pos = torch.arange(S, device=device)[None]  # (1, S)
         allowed = (k_pos <= q_pos)[None] & keys[:, None, :]  # (B, T, S)
@@ -348,10 +356,9 @@ class Zamba2ForCausalLM(Zamba2PreTrainedModel):
         out = CausalLMOutputWithPast(loss, logits, base.past_key_values, base.hidden_states, base.attentions)
         return out if return_dict else out.to_tuple()
 
-    def generate(self, *args, **kwargs):  # replaced by zamba2.generation when it lands
-        from zamba2.generation import generate
-
-        return generate(self, *args, **kwargs)
+    # Generation lives in zamba2/generation.py; these make it a method, with the full signature.
+    generate = generate
+    generate_iter = generate_iter
 
 
 class Zamba2ForSequenceClassification(Zamba2PreTrainedModel):

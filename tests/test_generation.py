@@ -1,0 +1,113 @@
+"""Generation: cache use, greedy equivalence, padded batches, EOS handling, sampling controls."""
+
+import pytest
+import torch
+from reference import make_pair, small_kwargs
+
+from zamba2.config import Zamba2Config
+from zamba2.model import Zamba2ForCausalLM
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Zamba2ForCausalLM(Zamba2Config(**small_kwargs(use_mem_rope=True, use_shared_attention_adapter=True,
+                                                          num_key_value_heads=2))).eval()  # fmt: skip
+
+
+def naive_greedy(model, ids, n):
+    """Re-run the whole sequence every step: the plain path the cached loop must equal."""
+    for _ in range(n):
+        logits = model(ids, use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def test_greedy_equals_uncached_greedy(model):
+    ids = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(1))
+    out = model.generate(ids, max_new_tokens=10, eos_token_id=[])
+    assert out.shape == (1, 17)
+    assert torch.equal(out, naive_greedy(model, ids, 10))
+
+
+def test_greedy_matches_reference_generate():
+    ref, ours, config = make_pair("lm", **small_kwargs(use_mem_rope=True, time_step_min=1e-9, time_step_floor=1e-9))
+    ids = torch.randint(3, config.vocab_size, (1, 6))
+    expected = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, max_new_tokens=8, eos_token_id=[]), expected)
+
+
+def test_left_padded_batch_gives_each_rows_tokens(model):
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 128, (n,), generator=g) for n in (8, 3, 5)]
+    T = 8
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p) :], mask[i, T - len(p) :] = p, 1
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], max_new_tokens=6, eos_token_id=[])
+        assert torch.equal(batch[i, T:], alone[0, len(p) :]), f"row {i}"
+
+
+def test_rows_stop_at_eos_and_pad(model):
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    free = model.generate(ids, max_new_tokens=6, eos_token_id=[])
+    eos = int(free[0, 5 + 1])  # make row 0's second new token the EOS
+    out = model.generate(ids, max_new_tokens=6, eos_token_id=[eos, 99999], pad_token_id=0)
+    assert out[0, 6] == eos and (out[0, 7:] == 0).all()
+    # row 1 keeps going unless it also produced that token
+    if eos not in free[1, 5:].tolist():
+        assert torch.equal(out[1], free[1][: out.shape[1]])
+
+
+def test_max_length_and_zero_new_tokens(model):
+    ids = torch.randint(3, 128, (1, 4))
+    assert model.generate(ids, max_length=9, eos_token_id=[]).shape == (1, 9)
+    assert torch.equal(model.generate(ids, max_new_tokens=0), ids)
+
+
+def test_seeded_sampling_is_reproducible_and_tiny_temperature_is_greedy(model):
+    ids = torch.randint(3, 128, (2, 4), generator=torch.Generator().manual_seed(4))
+    a = model.generate(ids, max_new_tokens=8, do_sample=True, top_k=20, top_p=0.9, seed=7, eos_token_id=[])
+    b = model.generate(ids, max_new_tokens=8, do_sample=True, top_k=20, top_p=0.9, seed=7, eos_token_id=[])
+    assert torch.equal(a, b)
+    cold = model.generate(ids, max_new_tokens=8, do_sample=True, temperature=1e-6, seed=1, eos_token_id=[])
+    assert torch.equal(cold, model.generate(ids, max_new_tokens=8, eos_token_id=[]))
+
+
+def test_iterator_and_streamer_see_the_same_tokens(model):
+    ids = torch.randint(3, 128, (1, 4))
+    steps = list(model.generate_iter(ids, max_new_tokens=5, eos_token_id=[]))
+
+    class Collect:
+        def __init__(self):
+            self.got, self.ended = [], False
+
+        def put(self, t):
+            self.got.append(t)
+
+        def end(self):
+            self.ended = True
+
+    s = Collect()
+    out = model.generate(ids, max_new_tokens=5, eos_token_id=[], streamer=s)
+    assert s.ended and torch.equal(torch.stack(s.got, 1), torch.stack(steps, 1)) and torch.equal(out[:, 4:], torch.stack(steps, 1))
+
+
+def test_prefill_in_chunks_equals_one_prefill(model, monkeypatch):
+    import zamba2.generation as gen
+
+    ids = torch.randint(3, 128, (1, 11))
+    whole = model.generate(ids, max_new_tokens=5, eos_token_id=[])
+    monkeypatch.setattr(gen, "PREFILL_CHUNK", 4)
+    monkeypatch.setattr(gen.prefill, "__defaults__", (4,))
+    assert torch.equal(model.generate(ids, max_new_tokens=5, eos_token_id=[]), whole)
+
+
+def test_bad_arguments(model):
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(torch.ones(1, 3, dtype=torch.long), do_sample=True, top_p=1.5)
+    with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
+        model.generate(torch.ones(1, 3, dtype=torch.long), stop_strings=["x"])

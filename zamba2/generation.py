@@ -1,0 +1,200 @@
+"""Generation: one prefill of the prompt, then one-token steps through the hybrid cache.
+
+The loop works on token ids only. A tokenizer is needed only for `stop_strings` (to see text); streaming text is
+done on top by whatever consumes `generate_iter` or a `streamer` (zamba2.tokenizer.StreamDecoder turns ids into
+text). Batches are left-padded: each row's state stays zero until its first real token, so every row generates
+what it would alone. Rows that finish (EOS or a stop string) emit `pad_token_id` until the longest is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import torch
+
+from zamba2.cache import HybridCache
+from zamba2.sampling import SamplingParams, sample_next
+
+DEFAULT_MAX_NEW_TOKENS = 20
+# Prompts longer than this are prefilled in pieces, so activations stay bounded for very long inputs.
+PREFILL_CHUNK = 2048
+
+
+class Streamer(Protocol):
+    def put(self, tokens: torch.Tensor) -> None: ...  # (B,) the tokens of one step
+    def end(self) -> None: ...
+
+
+class _TextSource(Protocol):
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
+
+
+def _eos_set(eos_token_id: int | Sequence[int] | None, config_eos) -> list[int]:
+    eos = config_eos if eos_token_id is None else eos_token_id
+    if eos is None:
+        return []
+    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+
+@torch.no_grad()
+def prefill(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: HybridCache,
+    chunk_size: int = PREFILL_CHUNK,
+) -> torch.Tensor:
+    """Run the prompt (B, T) through the model into `cache`; return the last position's logits (B, V)."""
+    T = input_ids.shape[1]
+    logits = None
+    for start in range(0, T, chunk_size):
+        end = min(start + chunk_size, T)
+        mask = None if attention_mask is None else attention_mask[:, :end]
+        out = model(input_ids[:, start:end], attention_mask=mask, past_key_values=cache, logits_to_keep=1)
+        logits = out.logits[:, -1]
+    return logits
+
+
+@torch.no_grad()
+def decode_step(model, tokens: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+    """Feed one token per row (B,); return the next logits (B, V)."""
+    return model(tokens[:, None], past_key_values=cache, logits_to_keep=1).logits[:, -1]
+
+
+@torch.no_grad()
+def generate_iter(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    stop_strings: str | Sequence[str] | None = None,
+    tokenizer: _TextSource | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the new tokens of each step, (B,) long, finished rows holding pad_token_id."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
+    config = model.config
+    b, T = input_ids.shape
+    if max_new_tokens is None:
+        max_new_tokens = max(0, max_length - T) if max_length is not None else DEFAULT_MAX_NEW_TOKENS
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    params = SamplingParams(
+        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+    ).validate()  # fmt: skip
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer= to read the generated text")
+    eos = torch.tensor(_eos_set(eos_token_id, config.eos_token_id), dtype=torch.long, device=input_ids.device)
+    pad = pad_token_id if pad_token_id is not None else config.pad_token_id
+    pad = pad if pad is not None else (int(eos[0]) if len(eos) else 0)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    if max_new_tokens == 0:
+        return
+
+    device = input_ids.device
+    total = T + max_new_tokens
+    # Every id seen so far (for the penalties), preallocated; `seen` marks real tokens (not padding).
+    history = torch.full((b, total), pad, dtype=torch.long, device=device)
+    history[:, :T] = input_ids
+    seen = torch.zeros(b, total, dtype=torch.bool, device=device)
+    seen[:, :T] = True if attention_mask is None else attention_mask.to(torch.bool)
+    use_history = params.repetition_penalty != 1.0 or params.presence_penalty != 0 or params.frequency_penalty != 0
+
+    cache = HybridCache(config, b, total, dtype=model.dtype, device=device)
+    logits = prefill(model, input_ids, attention_mask, cache)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    stop_tail = max((len(s) for s in stop_strings), default=0) if stop_strings else 0
+    for n in range(max_new_tokens):
+        pos = T + n
+        if use_history:
+            tokens = sample_next(logits, params, generator, history[:, :pos], seen[:, :pos])
+        else:
+            tokens = sample_next(logits, params, generator)
+        tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)
+        history[:, pos] = tokens
+        seen[:, pos] = ~finished
+        if len(eos):
+            finished |= torch.isin(tokens, eos)
+        if stop_strings:
+            for row in range(b):
+                if not finished[row]:
+                    # Decode only a tail long enough to hold any stop string (each token is >= 1 char).
+                    tail = tokenizer.decode(history[row, max(T, pos + 1 - stop_tail - 8) : pos + 1].tolist())
+                    if any(s in tail for s in stop_strings):
+                        finished[row] = True
+        yield tokens
+        if bool(finished.all()) or n == max_new_tokens - 1:
+            return
+        logits = decode_step(model, tokens, cache)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    stop_strings: str | Sequence[str] | None = None,
+    tokenizer: _TextSource | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    streamer: Streamer | None = None,
+) -> torch.Tensor:
+    """Generate continuations; returns prompt + new tokens (B, T + n) like transformers' `generate`.
+
+    Greedy by default; `do_sample=True` samples with temperature / top_k / top_p / min_p (0 / 1.0 / 0 = off).
+    `seed` or `generator` makes sampling reproducible. `eos_token_id` (int or list) defaults to the config's.
+    """
+    steps = generate_iter(
+        model, input_ids, attention_mask, max_new_tokens=max_new_tokens, max_length=max_length,
+        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        stop_strings=stop_strings, tokenizer=tokenizer, seed=seed, generator=generator,
+    )  # fmt: skip
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    new = []
+    for tokens in steps:
+        new.append(tokens)
+        if streamer is not None:
+            streamer.put(tokens)
+    if streamer is not None:
+        streamer.end()
+    if not new:
+        return input_ids.clone()
+    return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
