@@ -223,3 +223,17 @@ def test_errors_name_the_field():
         QuantizedLinear.from_weight(w, None, "int8")(torch.randn(2, 128))
     with pytest.raises(ValueError, match="modules names 'nope'"):
         apply_quantization_config(nn.Sequential(), quantization_config("int8", modules=["nope"]))
+
+
+def test_load_into_meta_built_model_with_assign():
+    torch.manual_seed(0)
+    model = ToyLM(dtype=torch.bfloat16)
+    config = quantization_config("int4", 32, quantize_model(model, "int4", group_size=32)["modules"])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.device("meta"):
+        fresh = ToyLM(dtype=torch.bfloat16)
+    apply_quantization_config(fresh, config)
+    fresh.load_state_dict(state, assign=True)
+    ids = torch.randint(0, 320, (1, 4))
+    with torch.inference_mode():
+        assert torch.equal(model(ids), fresh(ids))
