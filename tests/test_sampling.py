@@ -108,7 +108,7 @@ def naive_repetition_penalty(logits, prev_ids, penalty, mask=None):
             if mask is None or mask[b, t]:
                 seen.add(int(prev_ids[b, t]))
         for token in seen:
-            x = float(logits[b, token])
+            x = logits[b, token]  # a 0-d fp32 tensor, so the arithmetic matches the vectorised code
             out[b, token] = x / penalty if x > 0 else x * penalty
     return out
 
