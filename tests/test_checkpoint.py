@@ -408,3 +408,37 @@ def test_offline_fake_cache(saved, tmp_path, monkeypatch):
     close(logits(load("zyphra/tiny", cache_dir=tmp_path / "cache")), saved[1, True][1])
     with pytest.raises(OSError, match=r"zyphra/other: not a local folder.*HF_HUB_OFFLINE is set"):
         ckpt.resolve_model_dir("zyphra/other", cache_dir=tmp_path / "cache")
+
+
+# ---- quantised loading -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_on_load_and_round_trip(tmp_path, mode):
+    from zamba2 import quant
+
+    config = Zamba2Config(**{**tiny(1), "hidden_size": 256, "vocab_size": 256, "num_attention_heads": 8})
+    config.num_key_value_heads = 8
+    torch.manual_seed(6)
+    model = Zamba2ForCausalLM(config).eval()
+    ckpt.save_pretrained(model, tmp_path / "float")
+    quant.quantize_model(model, mode)  # the same layers quantised in memory: the expected result
+    expected = logits(model, IDS % 256)
+
+    loaded = load(tmp_path / "float", quantize=mode)
+    assert isinstance(loaded.lm_head, quant.QuantizedLinear)
+    assert loaded.model.embed_tokens.weight.dtype == torch.float32  # the tied embedding stays float
+    close(logits(loaded, IDS % 256), expected, atol=0)
+
+    ckpt.save_pretrained(loaded, tmp_path / "quantized")
+    stored = json.loads((tmp_path / "quantized" / "config.json").read_text())["quantization_config"]
+    assert stored["mode"] == mode and "lm_head" in stored["modules"]
+    again = load(tmp_path / "quantized")
+    close(logits(again, IDS % 256), expected, atol=0)
+    assert again.lm_head.scales.dtype == torch.float32  # buffers keep their dtype under dtype="bf16" too
+    assert load(tmp_path / "quantized", dtype="bf16").lm_head.scales.dtype == torch.float32
+
+    with pytest.raises(ValueError, match="already quantised"):
+        load(tmp_path / "quantized", quantize=mode)
+    with pytest.raises(ValueError, match=r"quantize='int3'; expected None or one of int8, int4"):
+        load(tmp_path / "float", quantize="int3")

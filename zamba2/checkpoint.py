@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from zamba2 import quant
 from zamba2.config import Zamba2Config
 from zamba2.legacy import convert_legacy_config, is_legacy_config, is_legacy_key, legacy_key_map
 
@@ -277,9 +277,18 @@ def _open(path: Path):
         raise ValueError(f"{path}: not a valid safetensors file (truncated or corrupt?): {err}") from err
 
 
-def read_shapes(files: WeightFiles, keys: list[str]) -> dict[str, tuple[int, ...]]:
-    """Shapes from the headers only; errors if the index names a tensor its shard does not hold."""
-    shapes: dict[str, tuple[int, ...]] = {}
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def read_headers(
+    files: WeightFiles, keys: list[str]
+) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """(shape, dtype) from the headers only; errors if the index names a tensor its shard does not hold."""
+    headers: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
     by_file: dict[Path, list[str]] = {}
     for k in keys:
         by_file.setdefault(files.key_to_file[k], []).append(k)
@@ -289,8 +298,9 @@ def read_shapes(files: WeightFiles, keys: list[str]) -> dict[str, tuple[int, ...
             for k in names:
                 if k not in present:
                     raise ValueError(f"{files.source} places tensor {k!r} in {path.name}, which lacks it")
-                shapes[k] = tuple(f.get_slice(k).get_shape())
-    return shapes
+                info = f.get_slice(k)
+                headers[k] = (tuple(info.get_shape()), _SAFETENSORS_DTYPES.get(info.get_dtype()))
+    return headers
 
 
 def iter_tensors(files: WeightFiles, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -429,10 +439,13 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         module._buffers[name] = tensor
 
 
-def _convert(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A private copy on `device`, in `dtype` for floating tensors (never a view of the memory map)."""
-    target = dtype if t.is_floating_point() else t.dtype
-    return t.to(device=device, dtype=target, copy=True)
+def _target_dtypes(
+    model: nn.Module, expected: dict[str, torch.Tensor], dtype: torch.dtype
+) -> dict[str, torch.dtype]:
+    """Floating parameters take the requested dtype; buffers (e.g. quantised codes and their fp32 scales)
+    and integer tensors keep the dtype the model registered them with."""
+    params = {name for name, _ in model.named_parameters()}
+    return {k: dtype if k in params and t.is_floating_point() else t.dtype for k, t in expected.items()}
 
 
 def _read_one(files: WeightFiles, key: str) -> torch.Tensor:
@@ -478,21 +491,27 @@ def load_state_into(
     plan = plan_keys(files, model, config, folder)
 
     expected = model.state_dict()
-    shapes = read_shapes(files, sorted(set(plan.sources.values())))
+    targets = _target_dtypes(model, expected, dtype)
+    headers = read_headers(files, sorted(set(plan.sources.values())))
     for ours, src in plan.sources.items():
-        want, found = tuple(expected[ours].shape), shapes[src]
+        want, (found, file_dtype) = tuple(expected[ours].shape), headers[src]
+        path = files.key_to_file[src]
         if want != found:
             raise ValueError(
-                f"{files.key_to_file[src]}: tensor {src!r} has shape {list(found)} but the model expects "
+                f"{path}: tensor {src!r} has shape {list(found)} but the model expects "
                 f"{list(want)} for {ours!r}; does config.json match these weights?"
             )
+        if not targets[ours].is_floating_point and file_dtype != targets[ours]:
+            raise ValueError(f"{path}: tensor {src!r} is {file_dtype} but the model expects {targets[ours]}")
     _check_copies(files, plan, config)
 
     by_source = {src: ours for ours, src in plan.sources.items()}
     bar = tqdm(total=len(by_source), desc=f"Loading {folder.name}", unit="tensor", disable=not progress)
     with torch.no_grad():
         for src, t in iter_tensors(files, list(by_source)):
-            _assign(model, by_source[src], _convert(t, dtype, device))
+            ours = by_source[src]
+            # A private copy (never a view of the memory map), converted on the way.
+            _assign(model, ours, t.to(device=device, dtype=targets[ours], copy=True))
             bar.update(1)
     bar.close()
 
@@ -505,7 +524,7 @@ def load_state_into(
             )
             weight = torch.empty(expected[key].shape, dtype=dtype, device=device)
             _assign(model, key, weight.normal_(0.0, config.initializer_range))
-    if hasattr(model, "tie_weights"):
+    if "lm_head.weight" in expected and config.tie_word_embeddings:  # (a quantised lm_head is not tied)
         model.tie_weights()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
@@ -531,8 +550,8 @@ def load_pretrained(
     `config` replaces the folder's config.json; `config_overrides` (e.g. num_labels, id2label for a
     classifier) are applied on top of either.
     """
-    if quantize is not None:
-        raise NotImplementedError(f"quantize={quantize!r}: quantised loading is not implemented")
+    if quantize is not None and quantize not in quant.MODES:
+        raise ValueError(f"quantize={quantize!r}; expected None or one of {', '.join(quant.MODES)}")
     folder = resolve_model_dir(path_or_id, revision=revision, cache_dir=cache_dir, token=token)
     legacy = None
     if config is None:
@@ -545,9 +564,23 @@ def load_pretrained(
     elif config_overrides:
         config = Zamba2Config.from_dict(_apply_overrides(config.to_dict(), config_overrides))
     target = resolve_dtype(dtype, config)
+    stored_quantization = config.extras.get("quantization_config")
+    if stored_quantization is not None and quantize is not None:
+        raise ValueError(f"{folder}: the checkpoint is already quantised; load it with quantize=None")
     with torch.device("meta"):
         model = cls(config)
+    if stored_quantization is not None:  # a checkpoint saved after quantize_model: rebuild its shells first
+        try:
+            quant.apply_quantization_config(model, stored_quantization)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{folder / CONFIG_NAME}: {err}") from err
     load_state_into(model, folder, target, device, progress=progress, legacy_config=legacy)
+    if quantize is not None:
+        # Quantised after loading, one layer at a time; recorded so that save_pretrained persists it.
+        stats = quant.quantize_model(model, quantize)
+        config.extras["quantization_config"] = quant.quantization_config(
+            quantize, stats["group_size"] or 64, stats["modules"]
+        )
     return model.eval()
 
 
@@ -649,7 +682,7 @@ def save_pretrained(
             old.unlink()
 
     data = config.to_dict()
-    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     data["dtype"] = str(dtype).removeprefix("torch.")
     if "torch_dtype" in data:
         data["torch_dtype"] = data["dtype"]
@@ -659,66 +692,3 @@ def save_pretrained(
     generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     gen_text = json.dumps(generation, indent=2, sort_keys=True) + "\n"
     _write_atomic(folder / GENERATION_CONFIG_NAME, lambda p: p.write_text(gen_text))
-
-
-# ---- memory / speed measurement ------------------------------------------------------------------
-
-
-def measure_load(arch: str = "1.2b", dtype: str = "bf16") -> dict[str, Any]:
-    """Write a random checkpoint at a published architecture (in `dtype`) to a temporary folder, load it
-    in a fresh subprocess, and report the load time and peak RSS next to the size of the weights."""
-    import subprocess
-    import tempfile
-
-    def run(code: str) -> list[str]:
-        done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-        return done.stdout.split()
-
-    rss = "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss"
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        _write_random_checkpoint(Zamba2Config.preset(arch), folder, resolve_dtype(dtype))
-        weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-        seconds, peak_kb = run(
-            "import resource, time; from zamba2.model import Zamba2ForCausalLM as M; "
-            "from zamba2.checkpoint import load_pretrained; t = time.perf_counter(); "
-            f"load_pretrained(M, {tmp!r}, dtype={dtype!r}, progress=False); "
-            f"print(time.perf_counter() - t, {rss})"
-        )
-        (base_kb,) = run(f"import resource, torch, zamba2.model, zamba2.checkpoint; print({rss})")
-    return {
-        "arch": arch,
-        "dtype": str(resolve_dtype(dtype)).removeprefix("torch."),
-        "weights_bytes": weights,
-        "load_s": float(seconds),
-        "peak_rss_bytes": int(peak_kb) * 1024,
-        "import_rss_bytes": int(base_kb) * 1024,
-        "rss_over_weights": (int(peak_kb) - int(base_kb)) * 1024 / weights,
-    }
-
-
-def _write_random_checkpoint(config: Zamba2Config, folder: Path, dtype: torch.dtype) -> None:
-    """A checkpoint with random weights in `dtype`, written module by module (never the whole model at once
-    in fp32)."""
-    from zamba2.model import Zamba2ForCausalLM
-
-    with torch.device("meta"):
-        model = Zamba2ForCausalLM(config)
-    gen = torch.Generator().manual_seed(0)
-    for key, t in model.state_dict().items():
-        if key == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        _assign(model, key, (torch.randn(t.shape, generator=gen, dtype=torch.float32) * 0.02).to(dtype))
-    model.tie_weights()
-    save_pretrained(model, folder)
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Measure checkpoint load time and peak memory.")
-    parser.add_argument("--bench", action="store_true", required=True)
-    parser.add_argument("--arch", default="1.2b")
-    parser.add_argument("--dtype", default="bf16")
-    args = parser.parse_args()
-    print(json.dumps(measure_load(args.arch, args.dtype), indent=2))
