@@ -22,19 +22,8 @@ from __future__ import annotations
 import torch
 
 
-def _segment_sum(dA: torch.Tensor) -> torch.Tensor:
-    """(..., Q) -> (..., Q, Q) with out[i, j] = sum_{j < k <= i} dA[k] for i >= j and -inf above the diagonal.
-
-    Summing inside the window (instead of differencing two long cumulative sums) keeps the small exponents
-    exact even when the chunk's total decay is large.
-    """
-    Q = dA.shape[-1]
-    strict = torch.ones(Q, Q, dtype=torch.bool, device=dA.device).tril(-1)
-    # x[k, j] = dA[k] for k > j; a cumulative sum down the rows then gives sum_{j < k <= i} dA[k] at [i, j]
-    x = dA[..., :, None].expand(*dA.shape, Q).masked_fill(~strict, 0.0)
-    out = x.cumsum(dim=-2)
-    lower = torch.ones(Q, Q, dtype=torch.bool, device=dA.device).tril(0)
-    return out.masked_fill(~lower, -torch.inf)
+def _causal(Q: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(Q, Q, dtype=torch.bool, device=device).tril()
 
 
 def ssd_chunked(
@@ -47,50 +36,50 @@ def ssd_chunked(
     chunk_size: int,
     initial_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked scan over a prompt. Returns y (B, T, H, P) fp32 and the final state (B, H, P, N) fp32."""
+    """Chunked scan over a prompt. Returns y (B, T, H, P) fp32 and the final state (B, H, P, N) fp32.
+
+    Decays inside a chunk are exp(cum_i - cum_j) with cum the running sum of dt * A from the chunk start, as
+    in the Mamba2 kernels; keeping chunks short keeps those sums small.
+    """
     b, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     R = H // G  # heads per group
-    x = x.float()
-    dt = dt.float()
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
     A = A.float()
-    B = B.float()
-    C = C.float()
     state = (
         torch.zeros(b, H, P, N, dtype=torch.float32, device=x.device)
         if initial_state is None
         else initial_state.float()
     )
     y = torch.empty(b, T, H, P, dtype=torch.float32, device=x.device)
+    mask = _causal(min(chunk_size, T), x.device)
     for start in range(0, T, chunk_size):
         end = min(start + chunk_size, T)
-        xc = x[:, start:end]  # (b, Q, H, P)
-        dtc = dt[:, start:end]  # (b, Q, H)
-        Bc = B[:, start:end]  # (b, Q, G, N)
-        Cc = C[:, start:end]
-        dA = (dtc * A).transpose(1, 2)  # (b, H, Q)
-        cum = dA.cumsum(dim=-1)  # (b, H, Q): log decay from chunk start through step i
-        xdt = xc * dtc[..., None]  # (b, Q, H, P)
+        Q = end - start
+        Bc = B[:, start:end].permute(0, 2, 1, 3)  # (b, G, Q, N)
+        Cc = C[:, start:end].permute(0, 2, 1, 3)  # (b, G, Q, N)
+        dtc = dt[:, start:end].transpose(1, 2)  # (b, H, Q)
+        cum = (dtc * A[:, None]).cumsum(dim=-1)  # (b, H, Q): log decay from the chunk start through step i
+        xdt = (x[:, start:end] * dt[:, start:end, :, None]).permute(0, 2, 1, 3)  # (b, H, Q, P)
+        xdt = xdt.reshape(b, G, R, Q, P)
 
-        # intra-chunk: y_i += sum_{j<=i} (C_i . B_j) exp(segsum[i, j]) dt_j x_j
-        decay = torch.exp(_segment_sum(dA))  # (b, H, Q, Q)
-        scores = torch.einsum("bign,bjgn->bgij", Cc, Bc)  # (b, G, Q, Q)
-        weights = decay.view(b, G, R, *decay.shape[-2:]) * scores[:, :, None]  # (b, G, R, Q, Q)
-        y_diag = torch.einsum("bgrij,bjgrp->bigrp", weights, xdt.view(b, -1, G, R, P))
+        # within the chunk: y_i = sum_{j<=i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j
+        seg = (cum[..., :, None] - cum[..., None, :]).masked_fill_(~mask[:Q, :Q], -torch.inf)  # (b, H, Q, Q)
+        scores = torch.matmul(Cc, Bc.transpose(-1, -2))[:, :, None]  # C_i . B_j: (b, G, 1, Q, Q)
+        weights = seg.exp_().view(b, G, R, Q, Q) * scores  # not in place: autograd needs exp's output
+        yc = torch.matmul(weights, xdt)  # (b, G, R, Q, P)
 
-        # contribution of the carried state: y_i += exp(cum_i) C_i . S
-        Sg = state.view(b, G, R, P, N)
-        y_off = torch.einsum("bign,bgrpn->bigrp", Cc, Sg) * cum.view(b, G, R, -1).permute(0, 3, 1, 2)[
-            ..., None
-        ].exp()
-        y[:, start:end] = (y_diag + y_off).reshape(b, -1, H, P)
+        # from the carried state: y_i += exp(cum_i) C_i . S
+        S_t = state.view(b, G, R, P, N).transpose(-1, -2)  # (b, G, R, N, P)
+        y_off = torch.matmul(Cc[:, :, None], S_t)  # (b, G, R, Q, P)
+        yc.add_(y_off.mul_(cum.exp().view(b, G, R, Q, 1)))
+        y[:, start:end] = yc.view(b, H, Q, P).transpose(1, 2)
 
         # carry: S <- exp(cum_last) S + sum_j exp(cum_last - cum_j) dt_j x_j B_j^T
-        to_end = torch.exp(cum[..., -1:] - cum)  # (b, H, Q); differences within one chunk only
-        xw = xdt * to_end.transpose(1, 2)[..., None]  # (b, Q, H, P)
-        new = torch.einsum("bjgrp,bjgn->bgrpn", xw.view(b, -1, G, R, P), Bc).reshape(b, H, P, N)
-        state = state * torch.exp(cum[..., -1])[..., None, None] + new
-    y = y + x * D.float()[:, None]
+        to_end = torch.exp(cum[..., -1:] - cum).view(b, G, R, Q, 1)
+        new = torch.matmul((xdt * to_end).transpose(-1, -2), Bc[:, :, None])  # (b, G, R, P, N)
+        state = state * cum[..., -1].exp()[..., None, None] + new.view(b, H, P, N)
+    y.add_(x * D.float()[:, None])
     return y, state
 
 
@@ -105,19 +94,19 @@ def ssd_step(
 ) -> torch.Tensor:
     """One decode step. x (B, H, P), dt (B, H), B/C (B, G, N); `state` (B, H, P, N) fp32 is updated in place.
 
-    Returns y (B, H, P) in fp32.
+    Returns y (B, H, P) in fp32. Three passes over the state: decay, rank-1 update, read-out.
     """
     b, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
     R = H // G
-    x = x.float()
-    dt = dt.float()
-    dA = torch.exp(dt * A.float())  # (b, H)
-    Bh = B.float()[:, :, None, :].expand(b, G, R, N).reshape(b, H, 1, N)
-    Ch = C.float()[:, :, None, :].expand(b, G, R, N).reshape(b, H, N, 1)
-    state.mul_(dA[..., None, None]).add_((x * dt[..., None])[..., None] * Bh)
-    y = torch.matmul(state, Ch).squeeze(-1)  # (b, H, P)
-    return y + x * D.float()[:, None]
+    x, dt = x.float(), dt.float()
+    Bh = B.float()[:, :, None].expand(b, G, R, N).reshape(b * H, 1, N)
+    Ch = C.float()[:, :, None].expand(b, G, R, N).reshape(b * H, N, 1)
+    S = state.view(b * H, P, N)
+    S.mul_(torch.exp(dt * A.float()).view(b * H, 1, 1))
+    S.baddbmm_((x * dt[..., None]).view(b * H, P, 1), Bh)
+    y = torch.bmm(S, Ch).view(b, H, P)
+    return y.add_(x * D.float()[:, None])
 
 
 def ssd_reference(
