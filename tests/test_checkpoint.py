@@ -104,6 +104,17 @@ def test_transformers_loads_ours(tmp_path, nmb, sharded):
     close(logits(load(tmp_path)), logits(ours), atol=0)
 
 
+def test_model_classmethods(saved, tmp_path):
+    """The documented entry points on the model classes go through this module."""
+    folder, ref_logits = saved[2, True]
+    model = Zamba2ForCausalLM.from_pretrained(folder, dtype="float32", progress=False)
+    close(logits(model), ref_logits)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    clf = Zamba2ForSequenceClassification.from_pretrained(tmp_path, num_labels=4, progress=False)
+    assert clf.score.weight.shape == (4, 32) and clf.config.num_labels == 4
+
+
 def test_save_format(tmp_path):
     torch.manual_seed(2)
     model = Zamba2ForCausalLM(Zamba2Config(**tiny(2)))
