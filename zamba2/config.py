@@ -268,14 +268,20 @@ class Zamba2Config:
 
     @classmethod
     def from_pretrained(
-        cls, path_or_id: str | os.PathLike, revision: str | None = None, **overrides: Any
+        cls,
+        path_or_id: str | os.PathLike,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        **overrides: Any,
     ) -> Zamba2Config:
-        """Read config.json from a local folder or a Hugging Face hub id."""
-        from zamba2.checkpoint import resolve_model_dir
+        """Read config.json (upstream or legacy format) from a local folder or a Hugging Face hub id.
 
-        folder = resolve_model_dir(path_or_id, revision=revision, config_only=True)
-        config = cls.from_json_file(Path(folder) / "config.json")
-        return dataclasses.replace(config, **overrides) if overrides else config
+        `overrides` are config field values that replace the file's, e.g. num_labels=3."""
+        from zamba2.checkpoint import read_config, resolve_model_dir
+
+        folder = resolve_model_dir(path_or_id, revision=revision, config_only=True, cache_dir=cache_dir, token=token)
+        return read_config(folder, overrides)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

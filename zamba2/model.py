@@ -129,6 +129,8 @@ class Zamba2PreTrainedModel(nn.Module):
         dtype: str | torch.dtype = "auto",
         device: str | torch.device = "cpu",
         revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
         quantize: str | None = None,
         progress: bool = True,
         config: Zamba2Config | None = None,
@@ -137,6 +139,12 @@ class Zamba2PreTrainedModel(nn.Module):
         id2label: dict[int, str] | None = None,
         label2id: dict[str, int] | None = None,
     ):
+        """Load a published (or fine-tuned, or legacy-format) checkpoint from a folder or a hub id.
+
+        Built on the meta device and filled from memory-mapped safetensors, converting each tensor to `dtype`
+        ("auto" = the checkpoint's stored dtype). `quantize="int8" | "int4"` quantises the large linears
+        after loading. Classification overrides (num_labels, problem_type, id2label, label2id) as in
+        transformers."""
         from zamba2 import checkpoint as ckpt
 
         overrides = {
@@ -147,7 +155,8 @@ class Zamba2PreTrainedModel(nn.Module):
             if v is not None
         }
         return ckpt.load_pretrained(
-            cls, path_or_id, dtype=dtype, device=device, revision=revision, quantize=quantize,
+            cls, path_or_id, dtype=dtype, device=device, revision=revision, cache_dir=cache_dir, token=token,
+            quantize=quantize,
             progress=progress, config=config, config_overrides=overrides,
         )  # fmt: skip
 
