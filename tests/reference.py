@@ -10,7 +10,8 @@ from zamba2.config import Zamba2Config
 from zamba2.model import Zamba2ForCausalLM, Zamba2ForSequenceClassification
 
 SMALL = dict(
-    vocab_size=128, hidden_size=32, num_hidden_layers=5, layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "mamba"],
+    vocab_size=128, hidden_size=32, num_hidden_layers=5,
+    layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "mamba"],
     mamba_d_state=8, n_mamba_heads=4, num_attention_heads=4, intermediate_size=64, adapter_rank=4, chunk_size=4,
 )  # fmt: skip
 

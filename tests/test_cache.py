@@ -7,7 +7,9 @@ from reference import make_pair, maxdiff, small_kwargs
 from zamba2.cache import HybridCache
 
 CONFIGS = {
-    "rope+adapters, 1 block": dict(use_mem_rope=True, use_shared_attention_adapter=True, num_mem_blocks=1, chunk_size=4),
+    "rope+adapters, 1 block": dict(
+        use_mem_rope=True, use_shared_attention_adapter=True, num_mem_blocks=1, chunk_size=4
+    ),
     "GQA, 2 blocks, ngroups 2": dict(num_key_value_heads=2, num_mem_blocks=2, mamba_ngroups=2, chunk_size=3,
                                      use_mem_rope=True),
     "time_step_limit set": dict(time_step_limit=(0.01, 0.05), chunk_size=4),

@@ -19,7 +19,8 @@ def test_defaults_match_transformers():
                  "intermediate_size", "num_attention_heads", "num_key_value_heads", "adapter_rank", "num_mem_blocks",
                  "time_step_min", "time_step_max", "time_step_floor", "rms_norm_eps", "pad_token_id", "bos_token_id",
                  "eos_token_id", "attention_head_dim", "attention_hidden_size", "mamba_headdim", "hybrid_layer_ids",
-                 "use_mem_rope", "use_shared_attention_adapter", "tie_word_embeddings", "num_logits_to_keep"):  # fmt: skip
+                 "use_mem_rope", "use_shared_attention_adapter", "tie_word_embeddings",
+                 "num_logits_to_keep"):  # fmt: skip
         assert getattr(ours, name) == getattr(ref, name), name
     assert ["mamba" if t == "linear_attention" else t for t in ref.layers_block_type] == ours.layers_block_type
     assert ours.rope_theta == ref.rope_parameters["rope_theta"]

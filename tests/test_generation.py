@@ -93,7 +93,8 @@ def test_iterator_and_streamer_see_the_same_tokens(model):
 
     s = Collect()
     out = model.generate(ids, max_new_tokens=5, eos_token_id=[], streamer=s)
-    assert s.ended and torch.equal(torch.stack(s.got, 1), torch.stack(steps, 1)) and torch.equal(out[:, 4:], torch.stack(steps, 1))
+    assert s.ended and torch.equal(torch.stack(s.got, 1), torch.stack(steps, 1))
+    assert torch.equal(out[:, 4:], torch.stack(steps, 1))
 
 
 def test_prefill_in_chunks_equals_one_prefill(model, monkeypatch):

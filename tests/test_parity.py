@@ -32,7 +32,7 @@ def test_forward_parity(name):
         r = ref(ids, labels=ids, output_hidden_states=True, use_cache=False)
         o = ours(ids, labels=ids, output_hidden_states=True, use_cache=False)
     assert len(o.hidden_states) == len(r.hidden_states) == config.num_hidden_layers + 1
-    for i, (a, b) in enumerate(zip(o.hidden_states, r.hidden_states)):
+    for i, (a, b) in enumerate(zip(o.hidden_states, r.hidden_states, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, i=i: f"hidden state {i}: {m}")
     torch.testing.assert_close(o.logits, r.logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(o.loss, r.loss, rtol=1e-4, atol=1e-4)
@@ -80,7 +80,7 @@ def test_output_attentions_matches_eager_reference():
         o = ours(ids, output_attentions=True)
     assert len(o.attentions) == len(config.hybrid_layer_ids)
     torch.testing.assert_close(o.logits, r.logits, rtol=1e-4, atol=1e-4)
-    for a, b in zip(o.attentions, r.attentions):
+    for a, b in zip(o.attentions, r.attentions, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 

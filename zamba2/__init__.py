@@ -18,7 +18,14 @@ _PUBLIC = {
     "Tokenizer": "zamba2.tokenizer",
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = [
+    "HybridCache",
+    "Tokenizer",
+    "Zamba2Config",
+    "Zamba2ForCausalLM",
+    "Zamba2ForSequenceClassification",
+    "Zamba2Model",
+]
 
 
 def __getattr__(name: str):

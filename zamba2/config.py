@@ -157,7 +157,8 @@ class Zamba2Config:
             raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
         if not 0.0 < self.time_step_min <= self.time_step_max:
             raise ValueError(
-                f"time_step_min/time_step_max must satisfy 0 < min <= max, got {self.time_step_min}, {self.time_step_max}"
+                "time_step_min/time_step_max must satisfy 0 < min <= max, "
+                f"got {self.time_step_min}, {self.time_step_max}"
             )
         if len(self.layers_block_type) != self.num_hidden_layers:
             raise ValueError(
