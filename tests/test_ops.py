@@ -49,3 +49,25 @@ def test_conv_prefill_equals_steps():
     more, st2 = conv_full(x[:, :2], w, bias, state_full)
     assert st2.shape == (b, Ch, K - 1)
     torch.testing.assert_close(st2[..., :1], state_full[..., 2:])
+
+
+def test_compiled_decode_step_equals_eager():
+    """The torch.compile fast path (opt-in) equals the eager step; skipped where compile is unavailable."""
+    from zamba2.ops import ssd
+
+    g = torch.Generator().manual_seed(3)
+    b, H, P, N, G = 2, 4, 8, 16, 2
+    state = torch.randn(b, H, P, N, generator=g)
+    args = (torch.randn(b, H, P, generator=g), torch.rand(b, H, generator=g), -torch.rand(H, generator=g),
+            torch.randn(b, G, N, generator=g), torch.randn(b, G, N, generator=g), torch.randn(H, generator=g))  # fmt: skip
+    s_eager = state.clone()
+    y_eager = ssd.ssd_step(s_eager, *args)
+    s_fast = state.clone()
+    ssd.use_compiled_step(True)
+    try:
+        with torch.no_grad():
+            y_fast = ssd.step(s_fast, *args)
+    finally:
+        ssd.use_compiled_step(False)
+    torch.testing.assert_close(y_fast, y_eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_fast, s_eager, rtol=1e-6, atol=1e-6)

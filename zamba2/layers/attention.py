@@ -81,6 +81,8 @@ class SharedAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if output_attentions:
             out, weights = self._eager(q, k, v, mask, dropout)
+        elif T == 1 and not self.training:
+            out, weights = self._one_query(q, k, v, mask), None
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal and T > 1, dropout_p=dropout,
@@ -89,6 +91,18 @@ class SharedAttention(nn.Module):
             weights = None
         out = out.transpose(1, 2).reshape(b, T, self.n_heads * self.head_dim)
         return self.o_proj(out), weights
+
+    def _one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        """Decode: one query per row. Two small matmuls beat SDPA's flash kernel here, and grouping the query
+        heads by kv head avoids materialising repeated K/V. q (B, na, 1, d), k/v (B, nkv, S, d)."""
+        b, S = q.shape[0], k.shape[2]
+        rep = self.n_heads // self.n_kv
+        qg = q.view(b, self.n_kv, rep, self.head_dim)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.scale  # (B, nkv, rep, S)
+        if mask.mask is not None:
+            scores = scores.masked_fill(~mask.mask.view(b, 1, 1, S), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        return torch.matmul(probs, v).view(b, self.n_heads, 1, self.head_dim)
 
     def _eager(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, dropout: float

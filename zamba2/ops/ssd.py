@@ -19,6 +19,8 @@ head h reading group h // (H / G); D (H,); state (B, H, P, N).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -107,6 +109,62 @@ def ssd_step(
     S.baddbmm_((x * dt[..., None]).view(b * H, P, 1), Bh)
     y = torch.bmm(S, Ch).view(b, H, P)
     return y.add_(x * D.float()[:, None])
+
+
+def _ssd_step_fused(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+) -> torch.Tensor:
+    """`ssd_step` written for torch.compile, which fuses it into one read and one write of the state."""
+    b, H, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    R = H // G
+    x, dt = x.float(), dt.float()
+    decay = torch.exp(dt * A.float())[:, :, None, None]  # (b, H, 1, 1)
+    Bh = B.float()[:, :, None].expand(b, G, R, N).reshape(b, H, 1, N)
+    Ch = C.float()[:, :, None].expand(b, G, R, N).reshape(b, H, 1, N)
+    new = state * decay + (x * dt[..., None])[..., None] * Bh  # (b, H, P, N)
+    state.copy_(new)
+    return (new * Ch).sum(-1) + x * D.float()[:, None]
+
+
+# ---- the dispatch point for decode ------------------------------------------------------------------------
+# `use_compiled_step(True)` routes `step` through torch.compile (CPU: inductor's C++ backend; one graph shared
+# by every layer since all weights are arguments). A compile failure warns once and falls back to eager.
+_compiled_step = None
+_use_compiled = False
+
+
+def use_compiled_step(enabled: bool) -> None:
+    global _use_compiled
+    _use_compiled = enabled
+
+
+def step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+) -> torch.Tensor:
+    """Decode step through the selected implementation (same contract as `ssd_step`)."""
+    global _compiled_step, _use_compiled
+    if _use_compiled and not torch.is_grad_enabled():
+        try:
+            if _compiled_step is None:
+                _compiled_step = torch.compile(_ssd_step_fused, dynamic=False, fullgraph=True)
+            return _compiled_step(state, x, dt, A, B, C, D)
+        except Exception as err:  # no C++ compiler, unsupported device, ...
+            warnings.warn(f"torch.compile of the SSM decode step failed ({err!r}); using eager", stacklevel=2)
+            _use_compiled = False
+    return ssd_step(state, x, dt, A, B, C, D)
 
 
 def ssd_reference(
