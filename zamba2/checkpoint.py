@@ -541,6 +541,7 @@ def load_pretrained(
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
     quantize: str | None = None,
+    quantize_group_size: int = 64,
     progress: bool = True,
     config: Zamba2Config | None = None,
     config_overrides: dict[str, Any] | None = None,
@@ -577,10 +578,7 @@ def load_pretrained(
     load_state_into(model, folder, target, device, progress=progress, legacy_config=legacy)
     if quantize is not None:
         # Quantised after loading, one layer at a time; recorded so that save_pretrained persists it.
-        stats = quant.quantize_model(model, quantize)
-        config.extras["quantization_config"] = quant.quantization_config(
-            quantize, stats["group_size"] or 64, stats["modules"]
-        )
+        model.quantize(quantize, group_size=quantize_group_size, progress=progress)
     return model.eval()
 
 

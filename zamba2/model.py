@@ -132,6 +132,7 @@ class Zamba2PreTrainedModel(nn.Module):
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         quantize: str | None = None,
+        quantize_group_size: int = 64,
         progress: bool = True,
         config: Zamba2Config | None = None,
         num_labels: int | None = None,
@@ -156,9 +157,33 @@ class Zamba2PreTrainedModel(nn.Module):
         }
         return ckpt.load_pretrained(
             cls, path_or_id, dtype=dtype, device=device, revision=revision, cache_dir=cache_dir, token=token,
-            quantize=quantize,
-            progress=progress, config=config, config_overrides=overrides,
+            quantize=quantize, quantize_group_size=quantize_group_size, progress=progress, config=config,
+            config_overrides=overrides,
         )  # fmt: skip
+
+    def quantize(self, mode: str, group_size: int = 64, progress: bool = False) -> dict[str, Any]:
+        """Weight-only quantisation in place: every large linear (mamba in/out_proj, attention q/k/v/o, MLP
+        gate_up/down, the hybrid `linear`, lm_head as its own copy when tied) becomes int8 per output channel
+        or int4 in groups of `group_size`. Adapters, norms, conv, SSM parameters and the embedding stay in the
+        model dtype. Recorded in config so save_pretrained writes a loadable quantised checkpoint."""
+        from tqdm.auto import tqdm
+
+        from zamba2 import quant
+
+        bar = tqdm(desc=f"Quantising to {mode}", unit="layer", disable=not progress)
+
+        def report(name: str, done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        try:
+            stats = quant.quantize_model(self, mode, group_size, progress=report)
+        finally:
+            bar.close()
+        self.config.extras["quantization_config"] = quant.quantization_config(
+            mode, stats["group_size"] or group_size, stats["modules"]
+        )
+        return stats
 
     def save_pretrained(self, folder: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
         from zamba2 import checkpoint as ckpt
