@@ -106,6 +106,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype; auto = config.json's (default)")
     g.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, mps")
     g.add_argument("--quantize", choices=QUANTIZE, help="weight-only quantisation of the linear layers")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the SSM decode step (faster decode; the first run compiles for ~20 s)")  # fmt: skip
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -244,6 +246,10 @@ def _load(folder: Path, tokenizer, args: argparse.Namespace) -> Loaded:
     model = Zamba2ForCausalLM.from_pretrained(
         folder, dtype=args.dtype, device=device, quantize=args.quantize, progress=progress
     )
+    if args.compile:
+        from zamba2.ops import ssd
+
+        ssd.use_compiled_step(True)
     return Loaded(folder, model, tokenizer, _eos_ids(model.config.eos_token_id, tokenizer, folder))
 
 
