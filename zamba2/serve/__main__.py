@@ -1,0 +1,3 @@
+from zamba2.serve import main
+
+raise SystemExit(main())

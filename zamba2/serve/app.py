@@ -1,0 +1,468 @@
+"""`zamba2 serve`: an OpenAI-compatible HTTP server in front of the batching engine.
+
+    POST /v1/chat/completions   messages rendered with the tokenizer's chat template
+    POST /v1/completions        one prompt: a string or token ids
+    GET  /v1/models             the served model name
+    GET  /health                200 when ready, 503 while the model loads (never needs the API key)
+    GET  /metrics               Prometheus text
+    POST /tokenize, /detokenize
+
+Threads: uvicorn's event loop runs the handlers; the model loads in a thread at startup (so /health can answer
+503 meanwhile); the engine thread owns the model afterwards. A handler submits a GenerationRequest with a
+channel whose sink hands engine events to the event loop (call_soon_threadsafe), then streams them as SSE or
+collects them into one response. A client that disconnects (streaming or not) cancels its request, which frees
+its batch row before the next decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from zamba2.sampling import SamplingParams
+from zamba2.serve.engine import PREFILL_CHUNK, Engine, Failure, GenerationRequest, Output, Progress, QueueFull
+from zamba2.serve.metrics import ServerMetrics
+from zamba2.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ResponseBuilder,
+    SamplingFields,
+    TokenizeRequest,
+    TokenTexts,
+    parse_body,
+)
+from zamba2.tokenizer import Tokenizer
+
+log = logging.getLogger("zamba2.serve")
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the limit
+KEEP_ALIVE = ": keep-alive\n\n"
+ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
+             "/detokenize"}  # fmt: skip
+
+
+class _Channel:
+    """Engine thread -> event loop: each event is put on an asyncio.Queue from the loop's own thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def __call__(self, event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so the next message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _CountRequests:
+    """ASGI middleware: counts responses by endpoint and status (pure ASGI, so streaming is untouched)."""
+
+    def __init__(self, app, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = scope["path"] if scope["path"] in ENDPOINTS else "other"
+            self.metrics.requests.labels(path, str(status[0])).inc()
+
+
+class Server:
+    """Everything one server holds: arguments, the loaded model's engine and tokenizer, metrics."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.model_name = args.served_model_name or args.model
+        self.created = int(time.time())
+        self.engine: Engine | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.texts: TokenTexts | None = None
+        self.error: str | None = None
+        self.metrics = ServerMetrics(lambda: self.engine)
+        self.on_load_failure: Callable[[], None] | None = None
+
+    def load(self) -> None:
+        """Load model + tokenizer and start the engine (runs in a thread at startup)."""
+        a = self.args
+        try:
+            import torch
+
+            from zamba2.checkpoint import resolve_model_dir
+            from zamba2.model import Zamba2ForCausalLM
+
+            if a.threads:
+                torch.set_num_threads(a.threads)
+            device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            folder = resolve_model_dir(a.model)
+            log.info("loading %s (%s, dtype %s, quantize %s)", folder, device, a.dtype, a.quantize)
+            model = Zamba2ForCausalLM.from_pretrained(
+                folder, dtype=a.dtype, device=device, quantize=a.quantize, progress=False
+            )
+            tokenizer = Tokenizer.from_pretrained(folder)
+            engine = Engine(
+                model, tokenizer, max_concurrency=a.max_concurrency, max_queue=a.max_queue,
+                prefill_chunk=a.prefill_chunk, prompt_cache_bytes=int(a.prompt_cache_mb * 2**20),
+            )  # fmt: skip
+            engine.start()
+            self.tokenizer, self.texts = tokenizer, TokenTexts(tokenizer)
+            self.engine = engine  # set last: from here on the server is ready
+            log.info("ready: serving %s as %r", a.model, self.model_name)
+        except Exception as exc:
+            log.exception("could not load %s", a.model)
+            self.error = f"{type(exc).__name__}: {exc}"
+            if self.on_load_failure is not None:
+                self.on_load_failure()
+
+    def require(self, model: str | None) -> tuple[Engine, Tokenizer]:
+        if self.engine is None or self.tokenizer is None:
+            detail = f"the model failed to load: {self.error}" if self.error else "the model is still loading"
+            raise APIError(503, detail, type="service_unavailable", code="model_not_ready")
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")  # fmt: skip
+        return self.engine, self.tokenizer
+
+    # ---- generation ------------------------------------------------------------------------------
+    def generation_request(self, body: SamplingFields, ids: list[int], logprobs: int | None,
+                           default_max: int) -> GenerationRequest:  # fmt: skip
+        if body.n is not None and body.n != 1:
+            raise APIError(400, f"n={body.n}: only one choice per request is supported (n must be 1)",
+                           param="n", code="unsupported_value")  # fmt: skip
+        limit = self.args.max_tokens_limit
+        field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = getattr(body, field) or default_max
+        if max_tokens > limit:
+            raise APIError(400, f"{field}: {max_tokens} is more than this server allows ({limit})",
+                           param=field, code="invalid_value")  # fmt: skip
+        temperature = 1.0 if body.temperature is None else body.temperature
+
+        def value(x, default):
+            return default if x is None else x
+
+        params = SamplingParams(
+            do_sample=temperature > 0, temperature=temperature, top_k=max(value(body.top_k, 0), 0),
+            top_p=value(body.top_p, 1.0), min_p=value(body.min_p, 0.0),
+            repetition_penalty=value(body.repetition_penalty, 1.0),
+            presence_penalty=value(body.presence_penalty, 0.0), frequency_penalty=value(body.frequency_penalty, 0.0),
+        )  # fmt: skip
+        return GenerationRequest(ids, max_tokens, params, seed=body.seed, stop=body.stop, logprobs=logprobs,
+                                 ignore_eos=bool(body.ignore_eos))  # fmt: skip
+
+    async def respond(self, request: Request, kind: str, body: SamplingFields, gen: GenerationRequest,
+                      received: float) -> Response:  # fmt: skip
+        engine = self.engine
+        assert engine is not None and self.texts is not None
+        channel = _Channel(asyncio.get_running_loop())
+        try:
+            rid = engine.submit(gen, channel)
+        except QueueFull:
+            raise APIError(429, "the server is at capacity (--max-queue); retry shortly", type="rate_limit_exceeded",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None  # fmt: skip
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages" if kind == "chat" else "prompt") from None
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        builder = ResponseBuilder(kind, body.model, self.texts, gen.logprobs, include_usage)  # type: ignore[arg-type]
+        if body.stream:
+            return StreamingResponse(
+                self._stream(channel, rid, builder, received), media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                background=BackgroundTask(engine.cancel, rid),  # also when the stream never started
+            )  # fmt: skip
+        return await self._collect(request, channel, rid, builder, received)
+
+    def _finished(self, last: Output) -> None:
+        self.metrics.prompt_tokens.inc(last.prompt_tokens)
+        self.metrics.generation_tokens.inc(last.completion_tokens)
+
+    async def _collect(self, request: Request, channel: _Channel, rid: int, builder: ResponseBuilder,
+                       received: float) -> Response:  # fmt: skip
+        engine = self.engine
+        assert engine is not None
+        gone = asyncio.ensure_future(_wait_for_disconnect(request))
+        outputs: list[Output] = []
+        try:
+            while True:
+                get = asyncio.ensure_future(channel.queue.get())
+                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    engine.cancel(rid)
+                    return Response(status_code=499)  # nobody reads it: the client closed the connection
+                event = get.result()
+                if isinstance(event, Failure):
+                    raise APIError(500, event.message, type="server_error")
+                if isinstance(event, Output):
+                    if not outputs:
+                        self.metrics.ttft.observe(time.monotonic() - received)
+                    outputs.append(event)
+                    if event.finish_reason is not None:
+                        break
+        finally:
+            gone.cancel()
+        self._finished(outputs[-1])
+        return JSONResponse(builder.whole(outputs))
+
+    async def _stream(self, channel: _Channel, rid: int, builder: ResponseBuilder,
+                      received: float) -> AsyncIterator[str]:  # fmt: skip
+        engine = self.engine
+        assert engine is not None
+        complete = False
+        first = True
+        try:
+            if builder.kind == "chat":
+                yield _sse(builder.chunk("", None, None, role=True))
+            while True:
+                try:
+                    event = await asyncio.wait_for(channel.queue.get(), self.args.keep_alive)
+                except asyncio.TimeoutError:
+                    yield KEEP_ALIVE
+                    continue
+                if isinstance(event, Progress):  # a long prompt is being prefilled
+                    yield KEEP_ALIVE
+                    continue
+                if isinstance(event, Failure):
+                    yield _sse(APIError(500, event.message, type="server_error").body())
+                    break
+                if first:
+                    self.metrics.ttft.observe(time.monotonic() - received)
+                    first = False
+                if event.text or (event.logprobs and builder.top_logprobs is not None):
+                    yield _sse(builder.chunk(event.text, event.logprobs, None))
+                if event.finish_reason is not None:
+                    yield _sse(builder.chunk("", None, event.finish_reason))
+                    if builder.include_usage:
+                        yield _sse(builder.usage_chunk(event))
+                    self._finished(event)
+                    break
+            yield "data: [DONE]\n\n"
+            complete = True
+        finally:
+            if not complete:  # client gone (the response task was cancelled) or error
+                engine.cancel(rid)
+
+
+def create_app(args: argparse.Namespace) -> FastAPI:
+    server = Server(args)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=server.load, name="zamba2-load", daemon=True).start()
+        yield
+        if server.engine is not None:
+            server.engine.stop()
+
+    app = FastAPI(title="zamba2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def request_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(APIError(400, str(exc)).body(), status_code=400)
+
+    async def authorize(request: Request) -> None:
+        if not args.api_key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), args.api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")  # fmt: skip
+
+    auth = [Depends(authorize)]
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if server.engine is not None:
+            return JSONResponse({"status": "ok"})
+        if server.error is not None:
+            return JSONResponse({"status": "error", "message": server.error}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/metrics", dependencies=auth)
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def model_card() -> dict[str, Any]:
+        return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "zamba2",
+                "root": args.model}  # fmt: skip
+
+    @app.get("/v1/models", dependencies=auth)
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}", dependencies=auth)
+    async def get_model(model: str) -> dict[str, Any]:
+        if model != server.model_name:
+            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(request: Request) -> Response:
+        received = time.monotonic()
+        body: ChatRequest = parse_body(await request.body(), ChatRequest)
+        _, tokenizer = server.require(body.model)
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        try:
+            ids = tokenizer.apply_chat_template([m.as_template_input() for m in body.messages], tokenize=True)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages", code="invalid_value") from None
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        gen = server.generation_request(body, ids, logprobs, default_max=args.max_tokens_limit)  # type: ignore[arg-type]
+        return await server.respond(request, "chat", body, gen, received)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: Request) -> Response:
+        received = time.monotonic()
+        body: CompletionRequest = parse_body(await request.body(), CompletionRequest)
+        engine, tokenizer = server.require(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+            if len(prompt) != 1:
+                raise APIError(400, f"{len(prompt)} prompts: send one prompt per request", param="prompt",
+                               code="unsupported_value")  # fmt: skip
+            prompt = prompt[0]
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
+        vocab = engine.config.vocab_size
+        if not ids or any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"prompt must be text or a non-empty list of token ids in [0, {vocab})",
+                           param="prompt", code="invalid_value")  # fmt: skip
+        gen = server.generation_request(body, ids, body.logprobs, default_max=COMPLETION_DEFAULT_MAX_TOKENS)
+        return await server.respond(request, "text", body, gen, received)
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body: TokenizeRequest = parse_body(await request.body(), TokenizeRequest)
+        engine, tokenizer = server.require(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "pass exactly one of prompt and messages", param="prompt", code="invalid_value")
+        if body.messages is not None:
+            try:
+                ids = tokenizer.apply_chat_template([m.as_template_input() for m in body.messages],
+                                                    add_generation_prompt=body.add_generation_prompt is not False,
+                                                    tokenize=True)  # fmt: skip
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="messages", code="invalid_value") from None
+        else:
+            ids = tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens is not False)
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_position_embeddings}
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body: DetokenizeRequest = parse_body(await request.body(), DetokenizeRequest)
+        _, tokenizer = server.require(body.model)
+        try:
+            return {"prompt": tokenizer.decode(body.tokens)}
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="tokens", code="invalid_value") from None
+
+    if args.cors_origins:
+        origins = [o.strip() for o in args.cors_origins.split(",") if o.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(_CountRequests, metrics=server.metrics)
+    return app
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zamba2 serve", description="OpenAI-compatible server for Zamba2 models")
+    p.add_argument("--model", required=True, help="model folder or hub id (org/name)")
+    p.add_argument("--served-model-name", help="the name clients pass as `model` (default: --model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (not on /health)")
+    p.add_argument("--cors-origins", help="comma-separated origins allowed by CORS (e.g. http://localhost:3000)")
+    p.add_argument("--max-concurrency", type=_positive(int), default=8, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
+    p.add_argument("--max-tokens-limit", type=_positive(int), default=4096, help="largest max_tokens accepted")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantisation at load")
+    p.add_argument("--dtype", default="auto", help="auto (config.json), float32, bfloat16, float16")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--threads", type=_positive(int), help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--prompt-cache-mb", type=float, default=1024.0, help="prompt-state snapshots (0 = off)")
+    p.add_argument("--prefill-chunk", type=_positive(int), default=PREFILL_CHUNK,
+                   help="prompt tokens prefilled per engine iteration")  # fmt: skip
+    p.add_argument("--keep-alive", type=_positive(float), default=10.0,
+                   help="seconds between SSE keep-alive comments while a stream waits")  # fmt: skip
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    args = build_parser().parse_args(argv)
+    if args.max_queue < 0:
+        raise SystemExit("--max-queue must be >= 0")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(args)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=args.access_log, timeout_graceful_shutdown=5)  # fmt: skip
+    server = uvicorn.Server(config)
+    state: Server = app.state.server
+
+    def stop() -> None:
+        server.should_exit = True
+
+    state.on_load_failure = stop
+    server.run()
+    return 1 if state.error is not None else 0
