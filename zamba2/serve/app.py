@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -57,6 +58,18 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat
 KEEP_ALIVE = ": keep-alive\n\n"
 ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
              "/detokenize"}  # fmt: skip
+
+
+def eos_ids(folder: Path, config_eos: int | list[int] | None, tokenizer: Tokenizer) -> list[int]:
+    """Every end-of-sequence id the checkpoint names: config.json's, generation_config.json's, the tokenizer's."""
+    path = folder / "generation_config.json"
+    generation = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    ids: list[int] = []
+    for value in (config_eos, generation.get("eos_token_id"), tokenizer.eos_token_id):
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return ids
 
 
 class _Channel:
@@ -141,6 +154,7 @@ class Server:
             engine = Engine(
                 model, tokenizer, max_concurrency=a.max_concurrency, max_queue=a.max_queue,
                 prefill_chunk=a.prefill_chunk, prompt_cache_bytes=int(a.prompt_cache_mb * 2**20),
+                eos_token_ids=eos_ids(folder, model.config.eos_token_id, tokenizer),
             )  # fmt: skip
             engine.start()
             self.tokenizer, self.texts = tokenizer, TokenTexts(tokenizer)
@@ -422,6 +436,16 @@ def _positive(kind: type):
     return parse
 
 
+def _dtype(text: str) -> str:
+    from zamba2.checkpoint import resolve_dtype
+
+    try:
+        resolve_dtype(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zamba2 serve", description="OpenAI-compatible server for Zamba2 models")
     p.add_argument("--model", required=True, help="model folder or hub id (org/name)")
@@ -434,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
     p.add_argument("--max-tokens-limit", type=_positive(int), default=4096, help="largest max_tokens accepted")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantisation at load")
-    p.add_argument("--dtype", default="auto", help="auto (config.json), float32, bfloat16, float16")
+    p.add_argument("--dtype", type=_dtype, default="auto", help="auto (config.json), fp32, bf16, fp16")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--threads", type=_positive(int), help="torch CPU threads (default: torch's choice)")
     p.add_argument("--prompt-cache-mb", type=float, default=1024.0, help="prompt-state snapshots (0 = off)")
