@@ -98,9 +98,7 @@ def build_ours(config: Zamba2Config, dtype: torch.dtype, seed: int = 0) -> nn.Mo
         model = Zamba2ForCausalLM(config)
     real: dict[int, nn.Parameter] = {}
     for key, p in model.named_parameters():  # each tensor once, under its first name (tied ones share it)
-        real[id(p)] = nn.Parameter(
-            fill_(torch.empty(p.shape, dtype=dtype), key, config, seed), requires_grad=False
-        )
+        real[id(p)] = nn.Parameter(fill_(torch.empty(p.shape, dtype=dtype), key, config, seed), requires_grad=False)
     for module in model.modules():
         for name, p in module._parameters.items():
             if p is not None:
@@ -222,8 +220,28 @@ def measure_bandwidth(total_bytes: int, dtype: torch.dtype, repeats: int = 5) ->
 # ---- one implementation's measurements -----------------------------------------------------------
 
 
-def max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KB on Linux
+def peak_rss_bytes() -> int:
+    """This process's peak RSS since it started or since `reset_peak_rss()`.
+
+    Linux's VmHWM, not ru_maxrss: subprocess starts workers by vfork + exec, and ru_maxrss carries the
+    parent's peak (here up to a whole model) over the exec, while VmHWM belongs to the new process alone.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KB on Linux, bytes on macOS: a bound
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak (Linux: "5" to clear_refs resets VmHWM); where that is not possible the next
+    `peak_rss_bytes()` is the peak so far, still an upper bound of the phase."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def prompt(batch: int, length: int, vocab: int) -> torch.Tensor:
@@ -243,12 +261,12 @@ class Runner:
         else:
             import zamba2.generation  # noqa: F401
             import zamba2.model  # noqa: F401
-        import_rss = max_rss_bytes()
+        # Peak RSS of each phase (reset in between), so that batch-1 use reads apart from batch-8 decode.
+        self.phase_peaks: dict[str, int] = {"import": peak_rss_bytes()}
+        reset_peak_rss()
         start = time.perf_counter()
         seed = plan["seed"]
-        self.model = (
-            build_reference(config, dtype, seed) if impl == "ref" else build_ours(config, dtype, seed)
-        )
+        self.model = build_reference(config, dtype, seed) if impl == "ref" else build_ours(config, dtype, seed)
         self.info: dict[str, Any] = {"impl": impl, "quantize": None}
         if impl == "ours" and plan["quantize"]:
             self.info["quantize"] = self._quantize(plan["quantize"])
@@ -258,10 +276,14 @@ class Runner:
             params=sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values()),
             weight_bytes=weight_bytes(self.model),
             streamed_bytes=streamed_bytes(self.model),
-            import_rss_bytes=import_rss,
-            build_peak_rss_bytes=max_rss_bytes(),
         )
+        self._phase_done("build")
         self.warmup()
+        self._phase_done("warmup")
+
+    def _phase_done(self, name: str) -> None:
+        self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), peak_rss_bytes())
+        reset_peak_rss()
 
     def _quantize(self, mode: str) -> dict[str, Any]:
         if importlib.util.find_spec("zamba2.quant") is None:
@@ -269,10 +291,7 @@ class Runner:
         from zamba2 import quant
 
         stats = quant.quantize_model(self.model, mode)
-        return {
-            k: stats.get(k)
-            for k in ("mode", "group_size", "quantized", "skipped", "bytes_before", "bytes_after")
-        }
+        return {k: stats.get(k) for k in ("mode", "group_size", "quantized", "skipped", "bytes_before", "bytes_after")}
 
     # The two calls each implementation's own generation loop makes.
     def _prefill(self, ids: torch.Tensor, room: int) -> tuple[torch.Tensor, Any]:
@@ -288,9 +307,7 @@ class Runner:
     def _step(self, tokens: torch.Tensor, cache: Any) -> torch.Tensor:
         """Tokens (B,) -> next logits (B, V); the cache is updated in place."""
         if self.impl == "ref":
-            return self.model(
-                tokens[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1
-            ).logits[:, -1]
+            return self.model(tokens[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         from zamba2.generation import decode_step
 
         return decode_step(self.model, tokens, cache)
@@ -335,15 +352,23 @@ class Runner:
             gc.collect()
         if TTFT_PROMPT not in plan["lengths"]:
             out["first_token"][str(TTFT_PROMPT)] = self.time_prefill(TTFT_PROMPT)[1]
+        self._phase_done("prefill")
         out["decode"] = self.time_decode(plan["batch"], plan["decode_steps"])
-        if plan["batched"]:
-            gc.collect()
-            out["batched_decode"] = self.time_decode(plan["batched"], plan["decode_steps"])
         gc.collect()
+        self._phase_done("decode")
+        if plan["batched"]:
+            out["batched_decode"] = self.time_decode(plan["batched"], plan["decode_steps"])
+            gc.collect()
+            self._phase_done("batched_decode")
         return out
 
     def close(self) -> dict[str, Any]:
-        return {"peak_rss_bytes": max_rss_bytes()}
+        """Peak RSS per phase; `peak_rss_bytes` over the whole run, `batch1_peak_rss_bytes` without the
+        warm-up and the batched decode."""
+        self._phase_done("close")
+        peaks = self.phase_peaks
+        batch1 = [peaks[k] for k in ("import", "build", "prefill", "decode") if k in peaks]
+        return {"peak_rss_bytes": max(peaks.values()), "batch1_peak_rss_bytes": max(batch1), "phases": peaks}
 
 
 # ---- worker processes ----------------------------------------------------------------------------
@@ -381,14 +406,12 @@ def _load_once(folder: str, dtype: str) -> dict[str, Any]:
     """Time from_pretrained in this (fresh) process; peak RSS over the run and after the imports."""
     from zamba2.model import Zamba2ForCausalLM
 
-    import_rss = max_rss_bytes()
+    import_rss = peak_rss_bytes()
     start = time.perf_counter()
-    Zamba2ForCausalLM.from_pretrained(
-        folder, dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype], progress=False
-    )
+    Zamba2ForCausalLM.from_pretrained(folder, dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype], progress=False)
     return {
         "load_s": time.perf_counter() - start,
-        "peak_rss_bytes": max_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "import_rss_bytes": import_rss,
     }
 
@@ -406,9 +429,7 @@ class WorkerProcess:
     def __init__(self, impl: str, argv: list[str]) -> None:
         self.impl = impl
         cmd = [sys.executable, "-m", "zamba2.bench", "--worker", impl, *argv]
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_worker_env()
-        )
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_worker_env())
         self.info = self._receive("ready")["info"]
 
     def _receive(self, event: str) -> dict[str, Any]:
@@ -528,16 +549,18 @@ def summarise(
     if "batched_decode" in decodes:
         batched, single = decodes["batched_decode"], decodes["decode"]
         batched["vs_decode"] = batched["tokens_per_s"] / single["tokens_per_s"]
-    peak = memory["peak_rss_bytes"]
+    peak, weights = memory["peak_rss_bytes"], info["weight_bytes"]
     return {
         "model": {k: info[k] for k in ("params", "weight_bytes", "streamed_bytes", "build_s", "quantize")},
         "prefill": prefill,
         "ttft": ttft,
         **decodes,
         "memory": {
-            "peak_rss_bytes": peak, "import_rss_bytes": info["import_rss_bytes"],
-            "build_peak_rss_bytes": info["build_peak_rss_bytes"], "weight_bytes": info["weight_bytes"],
-            "over_weights_bytes": peak - info["weight_bytes"], "shared_process": shared_process,
+            "peak_rss_bytes": peak, "batch1_peak_rss_bytes": memory["batch1_peak_rss_bytes"],
+            "import_rss_bytes": memory["phases"]["import"], "phase_peak_rss_bytes": memory["phases"],
+            "weight_bytes": weights, "over_weights_bytes": peak - weights,
+            "batch1_over_weights_bytes": memory["batch1_peak_rss_bytes"] - weights,
+            "shared_process": shared_process,
         },
     }  # fmt: skip
 
@@ -545,15 +568,14 @@ def summarise(
 def speedups(ours: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
     """ours / ref for throughputs, ref / ours for times (so > 1 means ours is faster), ours / ref for RSS."""
     out: dict[str, Any] = {
-        "prefill": {
-            n: v["tokens_per_s"] / ref["prefill"][n]["tokens_per_s"] for n, v in ours["prefill"].items()
-        },
+        "prefill": {n: v["tokens_per_s"] / ref["prefill"][n]["tokens_per_s"] for n, v in ours["prefill"].items()},
         "ttft": ref["ttft"]["seconds"] / ours["ttft"]["seconds"],
     }
     for name in ("decode", "batched_decode"):
         if name in ours:
             out[name] = ours[name]["tokens_per_s"] / ref[name]["tokens_per_s"]
-    out["peak_rss_ratio"] = ours["memory"]["peak_rss_bytes"] / ref["memory"]["peak_rss_bytes"]
+    for key in ("peak_rss_bytes", "batch1_peak_rss_bytes"):
+        out[key.replace("_bytes", "_ratio")] = ours["memory"][key] / ref["memory"][key]
     return out
 
 
@@ -580,11 +602,7 @@ def measure_load(args: argparse.Namespace) -> dict[str, Any]:
             cmd = [sys.executable, "-m", "zamba2.bench", "--worker", "load", *argv]
             done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=_worker_env())
             lines = done.stdout.strip().splitlines()
-            msg = (
-                json.loads(lines[-1])
-                if lines
-                else {"event": "error", "message": f"exit code {done.returncode}"}
-            )
+            msg = json.loads(lines[-1]) if lines else {"event": "error", "message": f"exit code {done.returncode}"}
             if msg["event"] == "error":
                 raise RuntimeError(f"the load worker failed: {msg['message']}")
             result = {k: v for k, v in msg.items() if k != "event"}
@@ -678,19 +696,23 @@ def format_table(report: dict[str, Any]) -> str:
         )
     if "bound_fraction" in any_res.get("decode", {}):
         row("decode / bandwidth bound", lambda res: 100 * res["decode"]["bound_fraction"], "{:.0f}%")
-    row(
-        "peak RSS (GB; last column ours/ref)",
-        lambda res: res["memory"]["peak_rss_bytes"] / GB,
-        "{:.2f}",
-        ratio.get("peak_rss_ratio"),
-    )
-    row("  = weights (GB)", lambda res: res["memory"]["weight_bytes"] / GB, "{:.2f}")
-    row("  + other (GB)", lambda res: res["memory"]["over_weights_bytes"] / GB, "{:.2f}")
+    row("weights (GB)", lambda res: res["memory"]["weight_bytes"] / GB, "{:.2f}")
+    row("RSS after imports (GB)", lambda res: res["memory"]["import_rss_bytes"] / GB, "{:.2f}")
+    for label, key in (("batch-1 work", "batch1_peak_rss"), ("whole run", "peak_rss")):
+        row(
+            f"peak RSS, {label} (GB; ours/ref)",
+            lambda res, k=key: res["memory"][f"{k}_bytes"] / GB,
+            "{:.2f}",
+            ratio.get(f"{key}_ratio"),
+        )
+        row(
+            "  = weights + (GB)",
+            lambda res, k=key: res["memory"][f"{k}_bytes"] / GB - res["memory"]["weight_bytes"] / GB,
+            "{:.2f}",
+        )
     row("build (s)", lambda res: res["model"]["build_s"], "{:.1f}")
     if any_res["memory"]["shared_process"]:
-        lines.append(
-            "(--no-subprocess: both implementations shared one process; RSS is not per implementation)"
-        )
+        lines.append("(--no-subprocess: both implementations shared one process; RSS is not per implementation)")
     bw = report.get("bandwidth")
     if bw:
         streamed = (ours or ref)["model"]["streamed_bytes"]
@@ -767,17 +789,11 @@ def _lengths(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zamba2 bench", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--arch", default="1.2b", choices=["tiny", "1.2b", "2.7b", "7b"], help="Zamba2Config.preset"
-    )
+    p.add_argument("--arch", default="1.2b", choices=["tiny", "1.2b", "2.7b", "7b"], help="Zamba2Config.preset")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-    p.add_argument(
-        "--lengths", type=_lengths, default=[128, 512, 2048], help="prefill prompt lengths (128,512,2048)"
-    )
+    p.add_argument("--lengths", type=_lengths, default=[128, 512, 2048], help="prefill prompt lengths (128,512,2048)")
     p.add_argument("--long", action="store_true", help=f"also prefill {LONG_PROMPT} tokens")
-    p.add_argument(
-        "--decode-steps", type=int, default=64, help="one-token steps timed after a 128-token prompt"
-    )
+    p.add_argument("--decode-steps", type=int, default=64, help="one-token steps timed after a 128-token prompt")
     p.add_argument("--batch", type=int, default=1, help="rows of the main decode measurement")
     p.add_argument("--batched", type=int, default=8, help="rows of the batched decode measurement (0: skip)")
     p.add_argument("--compare", action="store_true", help="also measure transformers (the reference)")
@@ -815,9 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     want_ref = args.compare or args.only == "ref"
     impls = ["ours", "ref"] if want_ref and args.only is None else [args.only or "ours"]
     if "ref" in impls and importlib.util.find_spec("transformers") is None:
-        message = (
-            "transformers is not importable, so the reference is not measured (pip install transformers)"
-        )
+        message = "transformers is not importable, so the reference is not measured (pip install transformers)"
         print(message, file=sys.stderr)
         notes.append(message)
         impls.remove("ref")
