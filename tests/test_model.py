@@ -64,3 +64,20 @@ def test_gradient_checkpointing_gives_same_gradients():
     model(ids, labels=ids).loss.backward()
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, plain[k], msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_split_qkv_equals_whole_projection():
+    """The fast path (embedding half of q/k/v computed once per shared block) equals projecting the whole input."""
+    torch.manual_seed(0)
+    config = Zamba2Config(**small_kwargs(layers_block_type=["hybrid", "mamba", "hybrid", "hybrid"], num_mem_blocks=2,
+                                         use_shared_attention_adapter=True, use_mem_rope=True, num_key_value_heads=2))
+    model = Zamba2ForCausalLM(config).eval()
+    ids = torch.randint(3, 128, (2, 7))
+    with torch.no_grad():
+        fast = model(ids).logits
+        blocks = {layer.shared_transformer for layer in model.model.layers if hasattr(layer, "shared_transformer")}
+        for block in blocks:
+            assert block.self_attn.can_split
+            block.self_attn.split_projections = False
+        plain = model(ids).logits
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)

@@ -303,16 +303,20 @@ class Zamba2Model(Zamba2PreTrainedModel):
             rope = rope_tables(position_ids, self.config.attention_head_dim, self.config.rope_base, emb.dtype)
 
         h = emb
+        checkpointing = self.gradient_checkpointing and self.training
+        # Embedding-half q/k/v per shared block, shared by that block's uses in this call. Not with gradient
+        # checkpointing: a recomputed layer must redo exactly what it did the first time.
+        emb_parts: dict | None = None if checkpointing else {}
         all_hidden: list[torch.Tensor] = []
         all_attn: list[torch.Tensor] = []
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden.append(h)
             if isinstance(layer, HybridLayer):
-                args = (h, emb, mask, attn_mask, rope, cache, output_attentions)
+                args = (h, emb, mask, attn_mask, rope, cache, output_attentions, emb_parts)
             else:
                 args = (h, mask, cache)
-            if self.gradient_checkpointing and self.training:
+            if checkpointing:
                 out = checkpoint(layer, *args, use_reentrant=False)
             else:
                 out = layer(*args)

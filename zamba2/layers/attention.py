@@ -21,6 +21,9 @@ def low_rank_adapter(d_in: int, rank: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=False))
 
 
+EmbeddingParts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 class AttentionMask:
     """How the keys of one forward call may be attended: either `is_causal` with no mask or an explicit
     boolean mask (B, 1, T, S), True = attend. Built once per forward by the backbone."""
@@ -54,6 +57,24 @@ class SharedAttention(nn.Module):
             self.linear_k_adapter_list = nn.ModuleDict({str(j): low_rank_adapter(W, r, kv_out) for j in slots})
             self.linear_v_adapter_list = nn.ModuleDict({str(j): low_rank_adapter(W, r, kv_out) for j in slots})
 
+    # Switch for the split q/k/v fast path (tests turn it off to compare with the plain path).
+    split_projections = True
+
+    @property
+    def can_split(self) -> bool:
+        """Plain float projections can be applied half by half (quantised ones are applied whole)."""
+        return self.split_projections and all(type(p) is nn.Linear for p in (self.q_proj, self.k_proj, self.v_proj))
+
+    def embedding_projections(self, emb: torch.Tensor, norm_weight_e: torch.Tensor) -> EmbeddingParts:
+        """q, k, v of the embedding half of the input before its per-position norm scale: W[:, H:] (w_e * e).
+
+        The embeddings and W are the same at every hybrid layer this block serves, and the norm over
+        concat(h, e) only scales them by a per-position scalar, so these are computed once per forward and
+        reused: later uses stream half of the q/k/v weights (exact up to rounding)."""
+        H = emb.shape[-1]
+        ew = norm_weight_e * emb
+        return tuple(F.linear(ew, p.weight[:, H:]) for p in (self.q_proj, self.k_proj, self.v_proj))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -62,10 +83,22 @@ class SharedAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: HybridCache | None,
         output_attentions: bool = False,
+        emb_parts: EmbeddingParts | None = None,
+        inv_rms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, T, W) -> (B, T, hidden), and the attention weights (B, heads, T, S) when asked for."""
-        b, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        """x (B, T, W) normalised input -> (B, T, hidden), and the attention weights (B, heads, T, S) when asked.
+
+        With `emb_parts` (see `embedding_projections`) and the norm's `inv_rms` (B, T, 1), q/k/v read only the
+        hidden half of x through the weights."""
+        b, T, W = x.shape
+        if emb_parts is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            xh = x[..., : W // 2]
+            q, k, v = (
+                (F.linear(xh, p.weight[:, : W // 2]).float() + part.float() * inv_rms).to(x.dtype)
+                for p, part in zip((self.q_proj, self.k_proj, self.v_proj), emb_parts, strict=True)
+            )
         if self.use_adapters:
             key = str(slot)
             q = q + self.linear_q_adapter_list[key](x)

@@ -11,7 +11,7 @@ from torch import nn
 
 from zamba2.cache import HybridCache
 from zamba2.config import Zamba2Config
-from zamba2.layers.attention import AttentionMask, SharedAttention
+from zamba2.layers.attention import AttentionMask, EmbeddingParts, SharedAttention
 from zamba2.layers.mamba2 import Mamba2Mixer
 from zamba2.layers.mlp import SharedMLP
 from zamba2.ops.norms import RMSNorm
@@ -56,9 +56,20 @@ class SharedBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: HybridCache | None,
         output_attentions: bool = False,
+        emb_parts: dict[SharedBlock, EmbeddingParts] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = self.input_layernorm(torch.cat([h, emb], dim=-1))  # (B, T, 2H)
-        a, weights = self.self_attn(x, slot, mask, rope, cache, output_attentions)
+        """`emb_parts` is one dict per forward call, filled on this block's first use (see
+        SharedAttention.embedding_projections); None computes q/k/v from the whole input."""
+        cat = torch.cat([h, emb], dim=-1)  # (B, T, 2H)
+        inv_rms = self.input_layernorm.inv_rms(cat)
+        x = self.input_layernorm(cat, inv_rms)
+        parts = None
+        if emb_parts is not None and self.self_attn.can_split:
+            parts = emb_parts.get(self)
+            if parts is None:
+                w_e = self.input_layernorm.weight[h.shape[-1] :]
+                parts = emb_parts[self] = self.self_attn.embedding_projections(emb, w_e)
+        a, weights = self.self_attn(x, slot, mask, rope, cache, output_attentions, parts, inv_rms)
         return self.feed_forward(self.pre_ff_layernorm(a), slot), weights
 
 
@@ -86,6 +97,7 @@ class HybridLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: HybridCache | None,
         output_attentions: bool = False,
+        emb_parts: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        t, weights = self.shared_transformer(h, emb, self.slot, attn_mask, rope, cache, output_attentions)
+        t, weights = self.shared_transformer(h, emb, self.slot, attn_mask, rope, cache, output_attentions, emb_parts)
         return self.mamba_decoder(h, mask, cache, extra=self.linear(t)), weights

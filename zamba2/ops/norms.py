@@ -13,11 +13,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def inv_rms(self, x: torch.Tensor) -> torch.Tensor:
+        """1 / RMS(x) per position, fp32 (..., 1)."""
+        return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor, inv_rms: torch.Tensor | None = None) -> torch.Tensor:
+        r = self.inv_rms(x) if inv_rms is None else inv_rms
+        return self.weight * (x.float() * r).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
