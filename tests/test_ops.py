@@ -59,7 +59,8 @@ def test_compiled_decode_step_equals_eager():
     b, H, P, N, G = 2, 4, 8, 16, 2
     state = torch.randn(b, H, P, N, generator=g)
     args = (torch.randn(b, H, P, generator=g), torch.rand(b, H, generator=g), -torch.rand(H, generator=g),
-            torch.randn(b, G, N, generator=g), torch.randn(b, G, N, generator=g), torch.randn(H, generator=g))  # fmt: skip
+            torch.randn(b, G, N, generator=g), torch.randn(b, G, N, generator=g),
+            torch.randn(H, generator=g))  # fmt: skip
     s_eager = state.clone()
     y_eager = ssd.ssd_step(s_eager, *args)
     s_fast = state.clone()

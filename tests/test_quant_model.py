@@ -10,7 +10,8 @@ from zamba2.model import Zamba2ForCausalLM
 from zamba2.quant import QuantizedLinear
 
 # Dimensions >= 256 so the default filter picks every large linear, as at the published sizes.
-KW = dict(vocab_size=512, hidden_size=256, num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
+KW = dict(vocab_size=512, hidden_size=256, num_hidden_layers=4,
+          layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
           mamba_d_state=16, n_mamba_heads=8, num_attention_heads=8, intermediate_size=512, num_mem_blocks=2,
           use_shared_attention_adapter=True, adapter_rank=8, use_mem_rope=True)  # fmt: skip
 
@@ -41,7 +42,8 @@ def test_quantized_logits_stay_close(float_model, mode, tolerance):
     with torch.no_grad():
         f, g = float_model(ids).logits, q(ids).logits
     rel = ((g - f).norm() / f.norm()).item()
-    print(f"{mode}: relative logit error {rel:.4f}, top-1 agreement {(g.argmax(-1) == f.argmax(-1)).float().mean():.3f}")
+    top1 = (g.argmax(-1) == f.argmax(-1)).float().mean()
+    print(f"{mode}: relative logit error {rel:.4f}, top-1 agreement {top1:.3f}")
     assert rel < tolerance
 
 

@@ -14,9 +14,9 @@ from torch import nn
 
 from zamba2.cache import HybridCache
 from zamba2.config import Zamba2Config
+from zamba2.ops import ssd
 from zamba2.ops.conv import conv_full, conv_step
 from zamba2.ops.norms import GatedRMSNorm
-from zamba2.ops import ssd
 from zamba2.ops.ssd import ssd_chunked
 
 # Prompt scan chunk: the config's chunk_size, capped here. Results do not depend on it beyond fp32 rounding; the
