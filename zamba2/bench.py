@@ -161,6 +161,27 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in _unique_tensors(model))
 
 
+def reread_bytes(model: nn.Module) -> int:
+    """Extra bytes a decode step reads because each shared block is streamed again at every hybrid layer after
+    its first (its weights do not stay in cache between uses). Ours reads only the hidden half of q/k/v on
+    those later uses (the embedding half is computed once per block), the reference the whole block."""
+    layers = model.model.layers
+    extra, seen = 0, set()
+    for layer in layers:
+        block = getattr(layer, "shared_transformer", None)
+        if block is None:
+            continue
+        key = id(block.self_attn.o_proj.weight) if hasattr(block.self_attn.o_proj, "weight") else id(block)
+        if key in seen:
+            extra += sum(t.numel() * t.element_size() for t in _unique_tensors(block))
+            attn = block.self_attn
+            if getattr(attn, "can_split", False):
+                extra -= sum(p.weight.numel() * p.weight.element_size() // 2 for p in (attn.q_proj, attn.k_proj,
+                                                                                        attn.v_proj))  # fmt: skip
+        seen.add(key)
+    return extra
+
+
 def streamed_bytes(model: nn.Module) -> int:
     """Bytes one decode step reads for one token: each distinct tensor once, a QuantizedLinear as its
     `weight_bytes()`, and an embedding table that no float Linear reads (untied, or its tied lm_head was
@@ -270,12 +291,17 @@ class Runner:
         self.info: dict[str, Any] = {"impl": impl, "quantize": None}
         if impl == "ours" and plan["quantize"]:
             self.info["quantize"] = self._quantize(plan["quantize"])
+        if impl == "ours" and plan["compile"]:
+            from zamba2.ops import ssd
+
+            ssd.use_compiled_step(True)
         gc.collect()
         self.info.update(
             build_s=time.perf_counter() - start,
             params=sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values()),
             weight_bytes=weight_bytes(self.model),
             streamed_bytes=streamed_bytes(self.model),
+            reread_bytes=reread_bytes(self.model),
         )
         self._phase_done("build")
         self.warmup()
@@ -466,7 +492,7 @@ class WorkerProcess:
 
 
 def _plan(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("lengths", "decode_steps", "batch", "batched", "quantize", "seed")
+    keys = ("lengths", "decode_steps", "batch", "batched", "quantize", "seed", "compile")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -476,7 +502,7 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
         "--decode-steps", str(args.decode_steps), "--batch", str(args.batch), "--batched", str(args.batched),
         "--threads", str(torch.get_num_threads()), "--seed", str(args.seed),
     ]  # fmt: skip
-    return argv + (["--quantize", args.quantize] if args.quantize else [])
+    return argv + (["--quantize", args.quantize] if args.quantize else []) + (["--compile"] if args.compile else [])
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -546,12 +572,16 @@ def summarise(
             # Weights are streamed once per step whatever the batch: the bound grows with it.
             decodes[name]["bound_tokens_per_s"] = bound * batch
             decodes[name]["bound_fraction"] = tps / (bound * batch)
+            # the same against the bytes a step really streams (shared blocks read again at each use)
+            reread_bound = bandwidth["gb_per_s"] * GB / (info["streamed_bytes"] + info["reread_bytes"])
+            decodes[name]["streamed_bound_fraction"] = tps / (reread_bound * batch)
     if "batched_decode" in decodes:
         batched, single = decodes["batched_decode"], decodes["decode"]
         batched["vs_decode"] = batched["tokens_per_s"] / single["tokens_per_s"]
     peak, weights = memory["peak_rss_bytes"], info["weight_bytes"]
     return {
-        "model": {k: info[k] for k in ("params", "weight_bytes", "streamed_bytes", "build_s", "quantize")},
+        "model": {k: info[k] for k in ("params", "weight_bytes", "streamed_bytes", "reread_bytes", "build_s",
+                                       "quantize")},  # fmt: skip
         "prefill": prefill,
         "ttft": ttft,
         **decodes,
@@ -696,6 +726,7 @@ def format_table(report: dict[str, Any]) -> str:
         )
     if "bound_fraction" in any_res.get("decode", {}):
         row("decode / bandwidth bound", lambda res: 100 * res["decode"]["bound_fraction"], "{:.0f}%")
+        row("  / bound with shared re-reads", lambda res: 100 * res["decode"]["streamed_bound_fraction"], "{:.0f}%")
     row("weights (GB)", lambda res: res["memory"]["weight_bytes"] / GB, "{:.2f}")
     row("RSS after imports (GB)", lambda res: res["memory"]["import_rss_bytes"] / GB, "{:.2f}")
     for label, key in (("batch-1 work", "batch1_peak_rss"), ("whole run", "peak_rss")):
@@ -803,6 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="where to write the results (bench-results/bench-<arch>-<dtype>.json)")
     p.add_argument("--plot", help="also draw the results to this .png (needs matplotlib)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="quantise our model with zamba2.quant")
+    p.add_argument("--compile", action="store_true", help="torch.compile our SSM decode step (zamba2.ops.ssd)")
     p.add_argument("--load", action="store_true", help="also time from_pretrained of a random checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--no-subprocess", action="store_true", help="measure in this process (fast; RSS shared)")
