@@ -76,6 +76,11 @@ def test_smoke_compare_in_process(tmp_path):
     speedup = report["speedup"]
     assert set(speedup["prefill"]) == {"16", "32"} and all(v > 0 for v in speedup["prefill"].values())
     assert speedup["ttft"] > 0 and speedup["decode"] > 0 and speedup["batched_decode"] > 0
+    # the bandwidth: the buffer before the run, then one sample per implementation and repeat
+    assert [s["where"] for s in report["bandwidth"]["samples"]] == [
+        "buffer, before the run", "ours weights, repeat 1", "ref weights, repeat 1"
+    ]  # fmt: skip
+    assert report["bandwidth"]["gb_per_s"] == max(s["gb_per_s"] for s in report["bandwidth"]["samples"])
     assert speedup["peak_rss_ratio"] > 0 and speedup["batch1_peak_rss_ratio"] > 0
     # the same weights: the reference repeats the shared blocks, but streams no more distinct bytes
     ours, ref = report["results"]["ours"]["model"], report["results"]["ref"]["model"]
