@@ -147,3 +147,15 @@ def test_streamed_bytes_count_quantized_layers_as_stored():
     expected = floats - linear_bytes + sum(m.weight_bytes() for m in qlinears.values())
     # the float embedding table now only serves lookups: one row per token
     assert bench.streamed_bytes(model) == expected + emb.shape[1] * emb.element_size()
+
+
+def test_quality_report_on_tiny(tmp_path):
+    from zamba2 import bench
+
+    out = tmp_path / "q.json"
+    assert bench.main(["--arch", "tiny", "--quality", "32", "--json", str(out)]) == 0
+    import json
+
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"bf16 vs fp32", "int8 vs bf16", "int4 vs bf16"}
+    assert all(0 <= r["top1_agreement"] <= 1 and r["relative_logit_error"] >= 0 for r in results.values())

@@ -30,11 +30,44 @@ def test_greedy_equals_uncached_greedy(model):
     assert torch.equal(out, naive_greedy(model, ids, 10))
 
 
-def test_greedy_matches_reference_generate():
-    ref, ours, config = make_pair("lm", **small_kwargs(use_mem_rope=True, time_step_min=1e-9, time_step_floor=1e-9))
-    ids = torch.randint(3, config.vocab_size, (1, 6))
-    expected = ref.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert torch.equal(ours.generate(ids, max_new_tokens=8, eos_token_id=[]), expected)
+@pytest.fixture(scope="module")
+def pair_with_large_dt():
+    """Reference and ours with dt_bias = 0, so dt = softplus(~0) ~ 0.69 stays far above time_step_min: the
+    reference's single-step path skips the dt limit its prefill applies, and this keeps that known difference
+    from masking a real one."""
+    ref, ours, config = make_pair(
+        "lm", **small_kwargs(use_mem_rope=True, use_shared_attention_adapter=True, num_mem_blocks=2)
+    )
+    with torch.no_grad():
+        for model in (ref, ours):
+            for name, p in model.named_parameters():
+                if name.endswith("dt_bias"):
+                    p.zero_()
+    ref.generation_config.eos_token_id = None  # never stop early: compare all 32 tokens
+    return ref, ours, config
+
+
+def test_greedy_32_tokens_match_reference_generate(pair_with_large_dt):
+    ref, ours, config = pair_with_large_dt
+    ids = torch.randint(3, config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(11))
+    expected = ref.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=0)
+    got = ours.generate(ids, max_new_tokens=32, eos_token_id=[])
+    assert expected.shape == got.shape == (1, 38)
+    assert torch.equal(got, expected)
+
+
+def test_greedy_left_padded_batch_matches_reference_generate(pair_with_large_dt):
+    ref, ours, config = pair_with_large_dt
+    g = torch.Generator().manual_seed(12)
+    lengths, T = [7, 3, 5], 7
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, T - n :] = torch.randint(3, config.vocab_size, (n,), generator=g)
+        mask[i, T - n :] = 1
+    expected = ref.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0)
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=32, eos_token_id=[])
+    assert torch.equal(got, expected)
 
 
 def test_left_padded_batch_gives_each_rows_tokens(model):
@@ -105,6 +138,19 @@ def test_prefill_in_chunks_equals_one_prefill(model, monkeypatch):
     monkeypatch.setattr(gen, "PREFILL_CHUNK", 4)
     monkeypatch.setattr(gen.prefill, "__defaults__", (4,))
     assert torch.equal(model.generate(ids, max_new_tokens=5, eos_token_id=[]), whole)
+
+
+def test_out_of_vocab_ids_and_too_long_prompts_are_clear_errors(model):
+    with pytest.raises(ValueError, match=r"input_ids hold id 128 .*vocab_size = 128"):
+        model.generate(torch.tensor([[5, 128]]))
+    with pytest.raises(ValueError, match="input_ids hold id -1"):
+        model(torch.tensor([[5, -1]]))
+    short = Zamba2ForCausalLM(Zamba2Config(**small_kwargs(use_mem_rope=True, max_position_embeddings=8))).eval()
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        short.generate(torch.ones(1, 9, dtype=torch.long), max_new_tokens=1)
+    no_rope = Zamba2ForCausalLM(Zamba2Config(**small_kwargs(use_mem_rope=False, max_position_embeddings=8))).eval()
+    with pytest.warns(UserWarning, match="max_position_embeddings"):
+        no_rope.generate(torch.ones(1, 9, dtype=torch.long), max_new_tokens=1)
 
 
 def test_bad_arguments(model):

@@ -108,6 +108,37 @@ def build_ours(config: Zamba2Config, dtype: torch.dtype, seed: int = 0) -> nn.Mo
     return model.eval()
 
 
+def quality(config: Zamba2Config, positions: int = 320, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Quantisation error next to bf16 rounding, on random weights: relative logit error ||a - b|| / ||b|| and
+    top-1 agreement over `positions` prompt positions, for bf16 vs fp32 and int8 / int4 vs bf16."""
+    import copy
+
+    fp32 = build_ours(config, torch.float32, seed)
+    ids = torch.randint(3, config.vocab_size, (2, positions // 2), generator=torch.Generator().manual_seed(seed))
+
+    def logits(model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(ids, use_cache=False).logits.float()
+
+    def compare(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+        return {
+            "relative_logit_error": ((a - b).norm() / b.norm()).item(),
+            "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+        }
+
+    ref32 = logits(fp32)
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    del fp32
+    ref16 = logits(bf16)
+    out = {"bf16 vs fp32": compare(ref16, ref32)}
+    for mode in ("int8", "int4"):
+        q = copy.deepcopy(bf16)
+        q.quantize(mode)
+        out[f"{mode} vs bf16"] = compare(logits(q), ref16)
+        del q
+    return out
+
+
 def reference_key(key: str, config: Zamba2Config) -> str:
     """Our state_dict key holding the value of the reference's `key`.
 
@@ -866,6 +897,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="also draw the results to this .png (needs matplotlib)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="quantise our model with zamba2.quant")
     p.add_argument("--compile", action="store_true", help="torch.compile our SSM decode step (zamba2.ops.ssd)")
+    p.add_argument("--quality", type=int, nargs="?", const=320, metavar="POSITIONS",
+                   help="only report quantisation error: int8/int4 vs bf16, bf16 vs fp32, over POSITIONS (320)")
     p.add_argument("--load", action="store_true", help="also time from_pretrained of a random checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--no-subprocess", action="store_true", help="measure in this process (fast; RSS shared)")
@@ -889,6 +922,17 @@ def main(argv: list[str] | None = None) -> int:
         args.lengths = [*args.lengths, LONG_PROMPT]
     if args.worker is not None:
         return _worker_main(args)
+    if args.quality:
+        figures = quality(Zamba2Config.preset(args.arch), args.quality, args.seed)
+        print(f"quantisation quality, {args.arch} random weights, {args.quality} positions")
+        for name, f in figures.items():
+            print(f"  {name:14} relative logit error {f['relative_logit_error']:.4f}   "
+                  f"top-1 agreement {100 * f['top1_agreement']:.1f}%")  # fmt: skip
+        path = Path(args.json or f"bench-results/quality-{args.arch}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"arch": args.arch, "positions": args.quality, "results": figures}, indent=2))
+        print(f"results written to {path}")
+        return 0
 
     notes: list[str] = []
     want_ref = args.compare or args.only == "ref"

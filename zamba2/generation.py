@@ -8,6 +8,7 @@ what it would alone. Rows that finish (EOS or a stop string) emit `pad_token_id`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -92,6 +93,11 @@ def generate_iter(
         raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got {tuple(input_ids.shape)}")
     config = model.config
     b, T = input_ids.shape
+    if T > config.max_position_embeddings:
+        message = f"the prompt has {T} tokens, more than max_position_embeddings = {config.max_position_embeddings}"
+        if config.use_mem_rope:
+            raise ValueError(message + " (RoPE positions past it were never trained)")
+        warnings.warn(message + "; without RoPE the model has no hard limit, but quality may suffer", stacklevel=3)
     if max_new_tokens is None:
         max_new_tokens = max(0, max_length - T) if max_length is not None else DEFAULT_MAX_NEW_TOKENS
     if max_new_tokens < 0:

@@ -273,6 +273,12 @@ class Zamba2Model(Zamba2PreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None and input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                vocab = self.config.vocab_size
+                raise ValueError(f"input_ids hold id {bad} outside the vocabulary (vocab_size = {vocab})")
         emb = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
         b, T, _ = emb.shape
         if use_cache is None:
