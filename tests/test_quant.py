@@ -36,7 +36,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 256), (1, 1, 256), (8, 16, 256), (128, 256)])
 @pytest.mark.parametrize("out_features", [64, 72])  # 72: int4 pads rows to a multiple of 16
-def test_kernel_matches_reference(mode, dtype, shape, out_features):
+def test_kernel_matches_reference(mode, dtype, shape, out_features, monkeypatch):
+    monkeypatch.setattr(quant, "DEQUANTIZE_ROWS", 1 << 30)  # the fused kernels at every row count
     torch.manual_seed(0)
     layer = QuantizedLinear.from_linear(nn.Linear(256, out_features, dtype=dtype), mode, group_size=64)
     x = torch.randn(shape, dtype=dtype)
@@ -237,3 +238,19 @@ def test_load_into_meta_built_model_with_assign():
     ids = torch.randint(0, 320, (1, 4))
     with torch.inference_mode():
         assert torch.equal(model(ids), fresh(ids))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_many_row_path_equals_reference(mode, dtype):
+    """Prefill-sized inputs dequantise in the activation dtype and use the GEMM: equal to the fp32 reference
+    within that dtype's rounding."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=True)
+    q = QuantizedLinear.from_linear(linear, mode, group_size=64)
+    x = torch.randn(2, 40, 256).to(dtype)
+    assert x.reshape(-1, 256).shape[0] >= quant.DEQUANTIZE_ROWS
+    ref = torch.nn.functional.linear(x.float(), q.dequantized_weight(), q.bias.float())
+    got = q(x).float()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert ((got - ref).norm() / ref.norm()).item() < tol

@@ -197,15 +197,18 @@ def reread_bytes(model: nn.Module) -> int:
     """Extra bytes a decode step reads because each shared block is streamed again at every hybrid layer after
     its first (its weights do not stay in cache between uses). Ours reads only the hidden half of q/k/v on
     those later uses (the embedding half is computed once per block), the reference the whole block."""
-    layers = model.model.layers
     extra, seen = 0, set()
-    for layer in layers:
-        block = getattr(layer, "shared_transformer", None)
-        if block is None:
-            continue
+    hybrids = [layer for layer in model.model.layers if hasattr(layer, "shared_transformer")]
+    for j, layer in enumerate(hybrids):
+        block = layer.shared_transformer
         key = id(block.self_attn.o_proj.weight) if hasattr(block.self_attn.o_proj, "weight") else id(block)
         if key in seen:
-            extra += sum(t.numel() * t.element_size() for t in _unique_tensors(block))
+            # the block's weights and buffers plus this hybrid ordinal's own adapters (slot j)
+            extra += sum(
+                t.numel() * t.element_size()
+                for name, t in [*block.named_parameters(), *block.named_buffers()]
+                if "adapter_list." not in name or f"adapter_list.{j}." in name
+            )
             attn = block.self_attn
             if getattr(attn, "can_split", False):
                 extra -= sum(p.weight.numel() * p.weight.element_size() // 2 for p in (attn.q_proj, attn.k_proj,

@@ -62,6 +62,10 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # `reference_kernels()`.
 FORCE_REFERENCE = False
 
+# Inputs with at least this many rows (prompt chunks) dequantise the weight and use the plain GEMM; fewer rows
+# (decode, small batches) use the fused GEMV-shaped kernels.
+DEQUANTIZE_ROWS = 16
+
 # The CPU int4 packer needs out_features % 16 == 0; other sizes are padded with zero rows.
 _INT4_ROW_MULTIPLE = 16
 # Rows quantised per step in `QuantizedLinear.from_weight`, bounding the transient fp32 copy.
@@ -271,6 +275,15 @@ class QuantizedLinear(nn.Module):
             return dequantize_int8(self.qweight, self.scales)
         return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size)
 
+    def dequantized_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in `dtype`, computed in that dtype (one pass; for many-row inputs such as prefill)."""
+        if self.mode == "int8":
+            return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]  # |q| <= 127 is exact in bf16
+        out, k = self.out_features, self.in_features
+        codes = unpack_int4(self.qweight).view(out, k // self.group_size, self.group_size).to(dtype)
+        w = (codes - 8) * self.scales.to(dtype)[..., None] + self.zeros.to(dtype)[..., None]
+        return w.view(out, k)
+
     def _use_kernel(self, x: torch.Tensor) -> bool:
         return (
             not FORCE_REFERENCE
@@ -316,6 +329,11 @@ class QuantizedLinear(nn.Module):
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K): both kernels take 2-D, row-contiguous
+        if x2.shape[0] >= DEQUANTIZE_ROWS:
+            # Many rows (prefill): the fused kernels are GEMV-shaped and slow here; dequantising once per call
+            # and using the dtype's GEMM costs one pass over the codes and runs at matmul speed.
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.dequantized_as(x.dtype), bias)
         weight, scales = self._kernel_tensors(x.dtype)
         if self.mode == "int8":
             y = torch._weight_int8pack_mm(x2, weight, scales)  # (M, N)
