@@ -159,7 +159,9 @@ def step(
     if _use_compiled and not torch.is_grad_enabled():
         try:
             if _compiled_step is None:
-                _compiled_step = torch.compile(_ssd_step_fused, dynamic=False, fullgraph=True)
+                # Automatic dynamic shapes: a second batch size recompiles once with a symbolic batch, after
+                # which a server's changing batch sizes reuse that graph.
+                _compiled_step = torch.compile(_ssd_step_fused, fullgraph=True)
             return _compiled_step(state, x, dt, A, B, C, D)
         except Exception as err:  # no C++ compiler, unsupported device, ...
             warnings.warn(f"torch.compile of the SSM decode step failed ({err!r}); using eager", stacklevel=2)

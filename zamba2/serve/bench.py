@@ -172,12 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--turn-tokens", type=int, default=32, help="new tokens of the second turn")
     p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--prompt-cache-mb", type=float, default=4096.0)
+    p.add_argument("--compile", action="store_true", help="torch.compile the SSM decode step")
     p.add_argument("--json", help="also write the report to this file")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.compile:
+        from zamba2.ops import ssd
+
+        ssd.use_compiled_step(True)
     report = measure(args)
     print(format_report(report))
     if args.json:
