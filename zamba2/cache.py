@@ -125,29 +125,19 @@ class HybridCache:
         self.seq_len = 0
         self.has_padding = False
 
-    def reorder(self, indices: torch.Tensor) -> None:
+    def reorder(self, indices: torch.Tensor | list[int]) -> None:
         """Reorder or select batch rows in place (beam search, dropping finished rows)."""
-        indices = indices.to(self.device)
-        self.conv_states = self.conv_states.index_select(1, indices)
-        self.ssm_states = self.ssm_states.index_select(1, indices)
-        self.keys = self.keys.index_select(1, indices)
-        self.values = self.values.index_select(1, indices)
-        self.key_mask = self.key_mask.index_select(0, indices)
-        self.positions = self.positions.index_select(0, indices)
+        self.__dict__.update(self.select(indices).__dict__)
 
     def select(self, indices: torch.Tensor | list[int]) -> HybridCache:
         """A new cache holding copies of the given rows."""
         idx = torch.as_tensor(indices, dtype=torch.long, device=self.device)
         out = object.__new__(HybridCache)
-        out.config = self.config
-        out.conv_states = self.conv_states.index_select(1, idx)
-        out.ssm_states = self.ssm_states.index_select(1, idx)
-        out.keys = self.keys.index_select(1, idx)
-        out.values = self.values.index_select(1, idx)
+        out.__dict__.update(self.__dict__)  # config, seq_len, has_padding
+        for name in ("conv_states", "ssm_states", "keys", "values"):  # batch is dim 1 of these
+            setattr(out, name, getattr(self, name).index_select(1, idx))
         out.key_mask = self.key_mask.index_select(0, idx)
         out.positions = self.positions.index_select(0, idx)
-        out.seq_len = self.seq_len
-        out.has_padding = self.has_padding
         return out
 
     def memory_bytes(self) -> int:
