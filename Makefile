@@ -24,7 +24,7 @@ test-all: setup
 	$(PY) -m pytest -q -m ""
 
 bench: setup
-	$(PY) -m zamba2.bench --arch 1.2b --dtype bf16 --compare
+	$(PY) -m zamba2.bench --arch 1.2b --dtype bf16 --compare --compile --load
 
 lint: setup
 	$(VENV)/bin/ruff check zamba2 tests
