@@ -318,6 +318,12 @@ def test_convert_legacy_round_trip(capsys, tmp_path):
         want = Zamba2ForCausalLM.from_pretrained(src, progress=False)(ids).logits
         got = Zamba2ForCausalLM.from_pretrained(dst, progress=False)(ids).logits
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+    # the converted folder is an ordinary upstream checkpoint: transformers 5.23 loads it to the same logits
+    import transformers
+
+    with torch.no_grad():
+        theirs = transformers.Zamba2ForCausalLM.from_pretrained(dst).eval()(ids).logits
+    torch.testing.assert_close(theirs, want, atol=1e-4, rtol=1e-4)
 
     code, _, err = run(capsys, "convert", src, tmp_path / "dst-bf16", "--dtype", "bf16")
     assert code == 0 and "bfloat16" in err and "tokenizer.model" in err
