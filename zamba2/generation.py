@@ -19,7 +19,7 @@ from zamba2.sampling import SamplingParams, sample_next
 
 DEFAULT_MAX_NEW_TOKENS = 20
 # Prompts longer than this are prefilled in pieces, so activations stay bounded for very long inputs.
-PREFILL_CHUNK = 1024
+PREFILL_CHUNK = 512
 
 
 class Streamer(Protocol):
