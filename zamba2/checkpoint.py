@@ -151,6 +151,19 @@ def _apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[
     return out
 
 
+def eos_token_ids(folder: str | os.PathLike, config_eos: int | list[int] | None, tokenizer: Any) -> list[int]:
+    """Every end-of-sequence id a checkpoint names, in order: config.json's, generation_config.json's and the
+    tokenizer's (instruct models often name theirs only in one of the latter)."""
+    path = Path(folder) / GENERATION_CONFIG_NAME
+    generation = _read_json(path) if path.is_file() else {}
+    ids: list[int] = []
+    for value in (config_eos, generation.get("eos_token_id"), tokenizer.eos_token_id):
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return ids
+
+
 def read_config(folder: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Zamba2Config:
     """Zamba2Config from `folder/config.json` (legacy configs converted transparently)."""
     folder = Path(folder)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import os
 import shutil
@@ -250,24 +249,9 @@ def _load(folder: Path, tokenizer, args: argparse.Namespace) -> Loaded:
         from zamba2.ops import ssd
 
         ssd.use_compiled_step(True)
-    return Loaded(folder, model, tokenizer, _eos_ids(model.config.eos_token_id, tokenizer, folder))
+    from zamba2.checkpoint import eos_token_ids
 
-
-def _eos_ids(config_eos: int | list[int] | None, tokenizer, folder: Path) -> list[int]:
-    """config.json's eos, generation_config.json's and the tokenizer's, in that order."""
-    path = folder / "generation_config.json"
-    generation = {}
-    if path.is_file():
-        try:
-            generation = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-    ids: list[int] = []
-    for value in (config_eos, generation.get("eos_token_id"), tokenizer.eos_token_id):
-        for i in value if isinstance(value, list) else [value]:
-            if isinstance(i, int) and i not in ids:
-                ids.append(i)
-    return ids
+    return Loaded(folder, model, tokenizer, eos_token_ids(folder, model.config.eos_token_id, tokenizer))
 
 
 def _check_ids(ids: list[int], loaded: Loaded) -> None:

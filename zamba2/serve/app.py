@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -58,18 +57,6 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat
 KEEP_ALIVE = ": keep-alive\n\n"
 ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
              "/detokenize"}  # fmt: skip
-
-
-def eos_ids(folder: Path, config_eos: int | list[int] | None, tokenizer: Tokenizer) -> list[int]:
-    """Every end-of-sequence id the checkpoint names: config.json's, generation_config.json's, the tokenizer's."""
-    path = folder / "generation_config.json"
-    generation = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    ids: list[int] = []
-    for value in (config_eos, generation.get("eos_token_id"), tokenizer.eos_token_id):
-        for i in value if isinstance(value, list) else [value]:
-            if isinstance(i, int) and i not in ids:
-                ids.append(i)
-    return ids
 
 
 class _Channel:
@@ -139,7 +126,7 @@ class Server:
         try:
             import torch
 
-            from zamba2.checkpoint import resolve_model_dir
+            from zamba2.checkpoint import eos_token_ids, resolve_model_dir
             from zamba2.model import Zamba2ForCausalLM
 
             if a.threads:
@@ -158,7 +145,7 @@ class Server:
             engine = Engine(
                 model, tokenizer, max_concurrency=a.max_concurrency, max_queue=a.max_queue,
                 prefill_chunk=a.prefill_chunk, prompt_cache_bytes=int(a.prompt_cache_mb * 2**20),
-                eos_token_ids=eos_ids(folder, model.config.eos_token_id, tokenizer),
+                eos_token_ids=eos_token_ids(folder, model.config.eos_token_id, tokenizer),
             )  # fmt: skip
             engine.start()
             self.tokenizer, self.texts = tokenizer, TokenTexts(tokenizer)
