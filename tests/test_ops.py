@@ -53,7 +53,7 @@ def test_conv_prefill_equals_steps():
 
 def test_compiled_decode_step_equals_eager():
     """The torch.compile fast path (opt-in) equals the eager step; skipped where compile is unavailable."""
-    from zamba2.ops import ssd
+    from zamba2.ops import compiled, ssd
 
     g = torch.Generator().manual_seed(3)
     b, H, P, N, G = 2, 4, 8, 16, 2
@@ -63,12 +63,16 @@ def test_compiled_decode_step_equals_eager():
             torch.randn(H, generator=g))  # fmt: skip
     s_eager = state.clone()
     y_eager = ssd.ssd_step(s_eager, *args)
+    s_fused = state.clone()
+    y_fused = ssd.ssd_step_fused(s_fused, *args)  # eagerly: the same math in the fused form
+    torch.testing.assert_close(y_fused, y_eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_fused, s_eager, rtol=1e-6, atol=1e-6)
     s_fast = state.clone()
-    ssd.use_compiled_step(True)
+    compiled.enable(True)
     try:
         with torch.no_grad():
-            y_fast = ssd.step(s_fast, *args)
+            y_fast = compiled.run(ssd.ssd_step_fused, s_fast, *args, eager=ssd.ssd_step)
     finally:
-        ssd.use_compiled_step(False)
+        compiled.enable(False)
     torch.testing.assert_close(y_fast, y_eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s_fast, s_eager, rtol=1e-6, atol=1e-6)

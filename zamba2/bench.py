@@ -327,9 +327,9 @@ class Runner:
         if impl == "ours" and plan["quantize"]:
             self.info["quantize"] = self._quantize(plan["quantize"])
         if impl == "ours" and plan["compile"]:
-            from zamba2.ops import ssd
+            from zamba2.ops import compiled
 
-            ssd.use_compiled_step(True)
+            compiled.enable(True)
         gc.collect()
         self.info.update(
             build_s=time.perf_counter() - start,

@@ -246,9 +246,9 @@ def _load(folder: Path, tokenizer, args: argparse.Namespace) -> Loaded:
         folder, dtype=args.dtype, device=device, quantize=args.quantize, progress=progress
     )
     if args.compile:
-        from zamba2.ops import ssd
+        from zamba2.ops import compiled
 
-        ssd.use_compiled_step(True)
+        compiled.enable(True)
     from zamba2.checkpoint import eos_token_ids
 
     return Loaded(folder, model, tokenizer, eos_token_ids(folder, model.config.eos_token_id, tokenizer))

@@ -14,10 +14,10 @@ from torch import nn
 
 from zamba2.cache import HybridCache
 from zamba2.config import Zamba2Config
-from zamba2.ops import ssd
+from zamba2.ops import compiled
 from zamba2.ops.conv import conv_full, conv_step
-from zamba2.ops.norms import GatedRMSNorm
-from zamba2.ops.ssd import ssd_chunked
+from zamba2.ops.norms import GatedRMSNorm, gated_rms_norm
+from zamba2.ops.ssd import ssd_chunked, ssd_step, ssd_step_fused
 
 # Prompt scan chunk: the config's chunk_size, capped here. Results do not depend on it beyond fp32 rounding; the
 # per-chunk (Q x Q) work shrinks with Q while the per-token state work stays, and 64 measured fastest on CPU.
@@ -58,11 +58,6 @@ class Mamba2Mixer(nn.Module):
         self.A_log.copy_(torch.log(torch.arange(1, self.H + 1, dtype=torch.float32)))
         self.D.fill_(1.0)
 
-    def _dt(self, dt_raw: torch.Tensor) -> torch.Tensor:
-        """softplus(dt + dt_bias), clamped to the same range in prefill and decode; fp32."""
-        dt = F.softplus(dt_raw.float() + self.dt_bias.float())
-        return dt.clamp(min=self.dt_min, max=self.dt_max)
-
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: HybridCache | None = None
     ) -> torch.Tensor:
@@ -86,7 +81,7 @@ class Mamba2Mixer(nn.Module):
         xs, Bm, Cm = xBC.split([self.I, self.G * self.N, self.G * self.N], dim=-1)
         y, state = ssd_chunked(
             xs.view(b, T, self.H, self.P),
-            self._dt(dt),
+            dt_activation(dt, self.dt_bias, self.dt_min, self.dt_max),
             -torch.exp(self.A_log.float()),
             Bm.view(b, T, self.G, self.N),
             Cm.view(b, T, self.G, self.N),
@@ -102,18 +97,44 @@ class Mamba2Mixer(nn.Module):
 
     def step(self, x: torch.Tensor, cache: HybridCache) -> torch.Tensor:
         """One token per row: x (B, 1, hidden). Updates the conv and SSM states of this layer in place."""
-        b = x.shape[0]
-        z, xBC, dt = self.in_proj(x[:, 0]).split([self.I, self.conv_dim, self.H], dim=-1)
-        xBC = F.silu(conv_step(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv_states[self.layer_idx]))
-        xs, Bm, Cm = xBC.split([self.I, self.G * self.N, self.G * self.N], dim=-1)
-        y = ssd.step(
-            cache.ssm_states[self.layer_idx],
-            xs.view(b, self.H, self.P),
-            self._dt(dt),
-            -torch.exp(self.A_log.float()),
-            Bm.view(b, self.G, self.N),
-            Cm.view(b, self.G, self.N),
-            self.D,
-        )
-        y = self.norm(y.view(b, 1, self.I), z[:, None], out_dtype=x.dtype)
-        return self.out_proj(y)
+        args = (
+            self.in_proj(x[:, 0]), cache.conv_states[self.layer_idx], self.conv1d.weight[:, 0], self.conv1d.bias,
+            cache.ssm_states[self.layer_idx], self.dt_bias, self.A_log, self.D, self.norm.weight,
+            self.dt_min, self.dt_max, self.norm.eps,
+        )  # fmt: skip
+        return self.out_proj(compiled.run(decode_step_fused, *args, eager=decode_step))
+
+
+def dt_activation(dt_raw: torch.Tensor, dt_bias: torch.Tensor, dt_min: float, dt_max: float) -> torch.Tensor:
+    """softplus(dt + dt_bias), clamped to the same range in prefill and decode; fp32."""
+    return F.softplus(dt_raw.float() + dt_bias.float()).clamp(min=dt_min, max=dt_max)
+
+
+def _decode_step(
+    scan, zxbcdt, conv_state, conv_w, conv_b, ssm_state, dt_bias, A_log, D, norm_w, dt_min, dt_max, eps
+) -> torch.Tensor:  # fmt: skip
+    """The mixer's decode step between in_proj and out_proj, one token per row.
+
+    zxbcdt (B, I + C + H) is the in_proj output; conv_state (B, C, K-1) and ssm_state (B, H, P, N) fp32 are
+    updated in place. Returns the gated-normed y (B, 1, I) in zxbcdt's dtype. Sizes come from the shapes (H from
+    dt_bias, I from norm_w, C from conv_w, N from the state), so one compiled graph serves every layer.
+    """
+    b, H, P, N = ssm_state.shape
+    I, C = norm_w.shape[0], conv_w.shape[0]
+    G = (C - I) // (2 * N)
+    z, xBC, dt = zxbcdt.split([I, C, H], dim=-1)
+    xBC = F.silu(conv_step(xBC, conv_w, conv_b, conv_state))
+    xs, Bm, Cm = xBC.split([I, G * N, G * N], dim=-1)
+    dt = dt_activation(dt, dt_bias, dt_min, dt_max)
+    y = scan(ssm_state, xs.view(b, H, P), dt, -torch.exp(A_log.float()), Bm.view(b, G, N), Cm.view(b, G, N), D)
+    return gated_rms_norm(y.view(b, 1, I), z[:, None], norm_w, I // G, eps, zxbcdt.dtype)
+
+
+def decode_step(*args) -> torch.Tensor:
+    """Eager decode step: `_decode_step` with the three-pass in-place scan."""
+    return _decode_step(ssd_step, *args)
+
+
+def decode_step_fused(*args) -> torch.Tensor:
+    """The same step for torch.compile (`--compile`): conv, scan and norm fuse into a few kernels."""
+    return _decode_step(ssd_step_fused, *args)

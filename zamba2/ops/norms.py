@@ -35,10 +35,17 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, y: torch.Tensor, gate: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        h = y.float() * F.silu(gate.float())  # (..., I)
-        g = h.view(*h.shape[:-1], -1, self.group_size)  # (..., G, I/G)
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * g.view(h.shape).to(out_dtype)
+        return gated_rms_norm(y, gate, self.weight, self.group_size, self.eps, out_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"
+
+
+def gated_rms_norm(
+    y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """weight * groupnorm(y * silu(gate)); y, gate (..., I); the RMS is taken over groups of `group_size`."""
+    h = y.float() * F.silu(gate.float())  # (..., I)
+    g = h.view(*h.shape[:-1], -1, group_size)  # (..., G, I/G)
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * g.view(h.shape).to(out_dtype)

@@ -9,7 +9,8 @@ Three forms of it live here:
 - `ssd_chunked`: prompts. Within a chunk of Q steps the output is a masked (Q, Q) "attention" whose weights are
   C_i . B_j times the decay exp(sum_{j<k<=i} dt_k A); across chunks one state per head is carried. Chunks are
   processed one at a time, so memory is O(T + Q^2) and work is linear in T.
-- `ssd_step`: decode. One step of the recurrence, updating the state in place.
+- `ssd_step`: decode. One step of the recurrence, updating the state in place; `ssd_step_fused` is the same
+  step written for torch.compile (one read and one write of the state), used under `--compile`.
 - `ssd_reference`: a plain loop over time using the recurrence, for tests only.
 
 All math runs in fp32 whatever the inputs' dtype; the state is fp32.
@@ -18,8 +19,6 @@ head h reading group h // (H / G); D (H,); state (B, H, P, N).
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 
@@ -111,7 +110,7 @@ def ssd_step(
     return y.add_(x * D.float()[:, None])
 
 
-def _ssd_step_fused(
+def ssd_step_fused(
     state: torch.Tensor,
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -131,42 +130,6 @@ def _ssd_step_fused(
     new = state * decay + (x * dt[..., None])[..., None] * Bh  # (b, H, P, N)
     state.copy_(new)
     return (new * Ch).sum(-1) + x * D.float()[:, None]
-
-
-# ---- the dispatch point for decode ------------------------------------------------------------------------
-# `use_compiled_step(True)` routes `step` through torch.compile (CPU: inductor's C++ backend; one graph shared
-# by every layer since all weights are arguments). A compile failure warns once and falls back to eager.
-_compiled_step = None
-_use_compiled = False
-
-
-def use_compiled_step(enabled: bool) -> None:
-    global _use_compiled
-    _use_compiled = enabled
-
-
-def step(
-    state: torch.Tensor,
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-) -> torch.Tensor:
-    """Decode step through the selected implementation (same contract as `ssd_step`)."""
-    global _compiled_step, _use_compiled
-    if _use_compiled and not torch.is_grad_enabled():
-        try:
-            if _compiled_step is None:
-                # Automatic dynamic shapes: a second batch size recompiles once with a symbolic batch, after
-                # which a server's changing batch sizes reuse that graph.
-                _compiled_step = torch.compile(_ssd_step_fused, fullgraph=True)
-            return _compiled_step(state, x, dt, A, B, C, D)
-        except Exception as err:  # no C++ compiler, unsupported device, ...
-            warnings.warn(f"torch.compile of the SSM decode step failed ({err!r}); using eager", stacklevel=2)
-            _use_compiled = False
-    return ssd_step(state, x, dt, A, B, C, D)
 
 
 def ssd_reference(

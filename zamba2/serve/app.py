@@ -132,9 +132,9 @@ class Server:
             if a.threads:
                 torch.set_num_threads(a.threads)
             if a.compile:
-                from zamba2.ops import ssd
+                from zamba2.ops import compiled
 
-                ssd.use_compiled_step(True)
+                compiled.enable(True)
             device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
             folder = resolve_model_dir(a.model)
             log.info("loading %s (%s, dtype %s, quantize %s)", folder, device, a.dtype, a.quantize)

@@ -185,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.compile:
-        from zamba2.ops import ssd
+        from zamba2.ops import compiled
 
-        ssd.use_compiled_step(True)
+        compiled.enable(True)
     report = measure(args)
     print(format_report(report))
     if args.json:
