@@ -899,7 +899,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="where to write the results (bench-results/bench-<arch>-<dtype>.json)")
     p.add_argument("--plot", help="also draw the results to this .png (needs matplotlib)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="quantise our model with zamba2.quant")
-    p.add_argument("--compile", action="store_true", help="torch.compile our SSM decode step (zamba2.ops.ssd)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our mixer decode step (zamba2.ops.compiled)")
     p.add_argument("--quality", type=int, nargs="?", const=320, metavar="POSITIONS",
                    help="only report quantisation error: int8/int4 vs bf16, bf16 vs fp32, over POSITIONS (320)")
     p.add_argument("--load", action="store_true", help="also time from_pretrained of a random checkpoint")

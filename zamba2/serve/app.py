@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=_dtype, default="auto", help="auto (config.json), fp32, bf16, fp16")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--threads", type=_positive(int), help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the SSM decode step (faster batched decode)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the mixer decode step (faster batched decode)")
     p.add_argument("--prompt-cache-mb", type=float, default=1024.0, help="prompt-state snapshots (0 = off)")
     p.add_argument("--prefill-chunk", type=_positive(int), default=PREFILL_CHUNK,
                    help="prompt tokens prefilled per engine iteration")  # fmt: skip

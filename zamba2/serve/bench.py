@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--turn-tokens", type=int, default=32, help="new tokens of the second turn")
     p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--prompt-cache-mb", type=float, default=4096.0)
-    p.add_argument("--compile", action="store_true", help="torch.compile the SSM decode step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the mixer decode step")
     p.add_argument("--repeats", type=int, default=2, help="rounds of the stream measurements; the best counts")
     p.add_argument("--json", help="also write the report to this file")
     return p
