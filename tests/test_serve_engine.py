@@ -80,22 +80,29 @@ def prefilled(model, ids: list[int]) -> tuple[HybridCache, torch.Tensor]:
     return cache, logits
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["fresh", "state-rows"])
 @torch.no_grad()
-def test_insert_drop_compact_keep_each_rows_numbers(model):
+def test_insert_drop_compact_keep_each_rows_numbers(model, pooled):
     """Rows of different lengths joined into one batch step exactly like each row alone; dropping the long
-    row compacts the shared columns and the others keep going unchanged."""
+    row compacts the shared columns and the others keep going unchanged. With preallocated state rows the
+    states stay in the pool, and the row after the dropped one moves down into its place."""
     ids = [prompt(n, seed) for n, seed in ((5, 1), (19, 2), (9, 3))]
     singles = [prefilled(model, p) for p in ids]
-    batch = batching.insert_rows(None, [singles[0][0]], capacity=8)
-    batch = batching.insert_rows(batch, [singles[1][0], singles[2][0]], capacity=30)
+    pool = batching.StateRows(model.config, 4, torch.float32) if pooled else None
+    batch = batching.insert_rows(None, [singles[0][0]], capacity=8, pool=pool)
+    batch = batching.insert_rows(batch, [singles[1][0], singles[2][0]], capacity=30, pool=pool)
+    if pooled:
+        assert pool.holds(batch) and batch.ssm_states.shape[1] == 3
+        torch.testing.assert_close(pool.ssm[:, 2], singles[2][0].ssm_states[:, 0])
     assert batch.seq_len == 19 and batch.batch_size == 3 and batch.max_length >= 30
     assert batching.row_lengths(batch) == [5, 19, 9]
     assert not batch.key_mask[0, :14].any() and batch.key_mask[0, 14:19].all()
     tokens = torch.stack([lg.argmax(-1)[0] for _, lg in singles])
     for step in range(6):
         if step == 3:  # the longest row leaves: 10 leading columns are padding everywhere now
-            batch = batching.drop_rows(batch, [0, 2])
+            batch = batching.drop_rows(batch, [0, 2], pool=pool)
             assert batch.seq_len == 9 + step and batching.leading_padding(batch) == 0
+            assert pool is None or pool.holds(batch)
             singles, tokens = [singles[0], singles[2]], tokens[[0, 2]]
         logits = model(tokens[:, None], past_key_values=batch, logits_to_keep=1).logits[:, -1]
         for row, (cache, _) in enumerate(singles):

@@ -106,7 +106,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, mps")
     g.add_argument("--quantize", choices=QUANTIZE, help="weight-only quantisation of the linear layers")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the mixer decode step (faster decode; the first run compiles ~20 s)")  # fmt: skip
+                   help="torch.compile the mixer decode step (faster decode; first run compiles ~20 s)")  # fmt: skip
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:

@@ -11,9 +11,10 @@ Requests go through three stages:
                 token: model(tokens[:, None], past_key_values=batch, logits_to_keep=1)
 
 A finished prefill samples the first token from its last logits, then joins the batch (batch.insert_rows:
-conv/SSM states copied into a new row, K/V right-aligned). Finished or cancelled rows leave at once
-(batch.drop_rows, which also compacts leading padding). Each request has its own sampling parameters,
-torch.Generator and penalty history; greedy rows without penalties are picked with one argmax.
+conv/SSM states copied into the next of the engine's preallocated state rows, K/V right-aligned). Finished or
+cancelled rows leave at once (batch.drop_rows, which also compacts leading padding). Each request has its own
+sampling parameters, torch.Generator and penalty history; greedy rows without penalties are picked with one
+argmax.
 
 Results go back through a `sink` callable given at submit, called on the engine thread with Progress (a
 prefill chunk done), Output (new tokens/text; the last one has finish_reason) or Failure events. Text is
@@ -201,6 +202,7 @@ class Engine:
         self._prefilling: list[_Sequence] = []
         self._running: list[_Sequence] = []  # row i of self._batch
         self._batch: HybridCache | None = None
+        self._state_rows: batching.StateRows | None = None  # the batch's conv/SSM states, allocated at first join
 
     # ---- called from any thread -------------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: Sink) -> int:
@@ -352,8 +354,10 @@ class Engine:
             seqs = self._running + [s for s, _ in joined]
             longest = max([c.seq_len for _, c in joined] + [self._batch.seq_len if self._batch else 0])
             left = max(s.request.max_tokens - s.generated for s in seqs)
+            if self._state_rows is None:
+                self._state_rows = batching.StateRows(self.config, self.max_concurrency, self.dtype, self.device)
             self._batch = batching.insert_rows(
-                self._batch, [c for _, c in joined], capacity=longest + min(left, KV_HEADROOM)
+                self._batch, [c for _, c in joined], capacity=longest + min(left, KV_HEADROOM), pool=self._state_rows
             )
             self._running = seqs
 
@@ -382,7 +386,7 @@ class Engine:
             self._release(seq)
         gone = set(rows)
         keep = [i for i in range(len(self._running)) if i not in gone]
-        self._batch = batching.drop_rows(self._batch, keep)
+        self._batch = batching.drop_rows(self._batch, keep, pool=self._state_rows)
         self._running = [self._running[i] for i in keep]
 
     # ---- sampling and output ----------------------------------------------------------------------
