@@ -11,7 +11,9 @@
    state and prefills only the new tokens; without it, it prefills all of turn 2. The greedy answers of both
    must be identical.
 
-Ratios are measured in one run (targets: 8 streams >= 5x one stream; TTFT with the cache >= 5x faster).
+Ratios are measured in one run (targets: 8 streams >= 5x one stream; TTFT with the cache >= 5x faster). The
+stream counts are measured back to back in each of --repeats rounds; the speed-up is the median of the per-round
+ratios, which machine drift between rounds does not skew.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 
 import torch
@@ -110,16 +113,23 @@ def measure(args: argparse.Namespace) -> dict:
     for n in (streams[0], streams[-1]):
         run(engine, [random_ids(8, vocab, i) for i in range(n)], 4)
 
-    rates = {n: 0.0 for n in streams}
-    for _ in range(args.repeats):  # rounds over all stream counts, so machine drift hits each; best counts
+    rounds: list[dict[int, float]] = []
+    for _ in range(args.repeats):  # rounds over all stream counts, so machine drift hits each
+        rates = {}
         for n in streams:
             prompts = [random_ids(args.prompt_tokens, vocab, 100 + i) for i in range(n)]
-            rates[n] = max(rates[n], decode_rate(run(engine, prompts, args.decode_tokens)))
-    for n in streams:
-        print(f"  {n} stream(s): {rates[n]:.1f} tokens/s (best of {args.repeats})", flush=True)
-    report["decode_tokens_per_s"] = {str(n): round(r, 2) for n, r in rates.items()}
-    if 1 in rates and max(streams) > 1:
-        report["decode_speedup"] = {str(n): round(rates[n] / rates[1], 2) for n in streams if n > 1}
+            rates[n] = decode_rate(run(engine, prompts, args.decode_tokens))
+        rounds.append(rates)
+        print("  round: " + ", ".join(f"{n} stream(s) {r:.1f} tokens/s" for n, r in rates.items()), flush=True)
+    best = {n: max(r[n] for r in rounds) for n in streams}
+    report["decode_tokens_per_s"] = {str(n): round(r, 2) for n, r in best.items()}
+    report["decode_rounds"] = [{str(n): round(r, 2) for n, r in rates.items()} for rates in rounds]
+    if 1 in best and max(streams) > 1:
+        # This machine drifts by 20-30% between runs; a ratio taken within one round (the stream counts measured
+        # back to back) is steadier than a ratio of bests, so the speed-up is the median over rounds.
+        report["decode_speedup"] = {
+            str(n): round(statistics.median(r[n] / r[1] for r in rounds), 2) for n in streams if n > 1
+        }
 
     history = random_ids(args.history, vocab, 7)
     cached = Engine(model, prefill_chunk=args.prefill_chunk, prompt_cache_bytes=int(args.prompt_cache_mb * 2**20))
@@ -151,6 +161,8 @@ def format_report(r: dict) -> str:
     for n, rate in r["decode_tokens_per_s"].items():
         ratio = r.get("decode_speedup", {}).get(n)
         lines.append(f"  {n:>2} stream(s)  {rate:10.1f}" + (f"   {ratio:.2f}x one stream" if ratio else ""))
+    if r.get("decode_speedup"):
+        lines.append(f"  (tokens/s: best of {len(r['decode_rounds'])} rounds; ratios: median of the per-round ratios)")
     s = r["second_turn"]
     lines += [
         "", f"second chat turn ({s['history_tokens']} tokens of history + {s['new_tokens']} new):",
@@ -177,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--prompt-cache-mb", type=float, default=4096.0)
     p.add_argument("--compile", action="store_true", help="torch.compile the mixer decode step")
-    p.add_argument("--repeats", type=int, default=2, help="rounds of the stream measurements; the best counts")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of the stream measurements")
     p.add_argument("--json", help="also write the report to this file")
     return p
 
