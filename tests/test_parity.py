@@ -64,11 +64,23 @@ def test_logits_to_keep_and_tuple_output():
         full = ours(ids).logits
         torch.testing.assert_close(ours(ids, logits_to_keep=1).logits, full[:, -1:])
         torch.testing.assert_close(ours(ids, logits_to_keep=torch.tensor([0, 3])).logits, full[:, [0, 3]])
+        torch.testing.assert_close(ours(ids, logits_to_keep=99).logits, full)
         r = ref(ids, labels=ids, return_dict=False, output_hidden_states=True)
         o = ours(ids, labels=ids, return_dict=False, output_hidden_states=True)
     assert len(o) == len(r) == 4  # loss, logits, past_key_values, hidden_states
     torch.testing.assert_close(o[0], r[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(o[1], r[1], rtol=1e-4, atol=1e-4)
+
+
+def test_kept_positions_have_plain_strides():
+    """A (1, 1, H) slice of a long sequence keeps its batch stride; the lm_head must get fresh strides, or
+    the matmul copies the whole (H, V) weight transposed on every call."""
+    from zamba2.model import _keep_positions
+
+    h = torch.randn(1, 50, 8)
+    kept = _keep_positions(h, 1)
+    assert kept.stride() == (8, 8, 1)
+    torch.testing.assert_close(kept, h[:, -1:])
 
 
 def test_output_attentions_matches_eager_reference():

@@ -351,9 +351,16 @@ class Zamba2Model(Zamba2PreTrainedModel):
 
 
 def _keep_positions(h: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
-    """0 = every position; k > 0 = the last k; a 1-D index tensor = those positions."""
+    """0 = every position; k > 0 = the last k; a 1-D index tensor = those positions.
+
+    A kept slice is copied out with fresh strides: a (1, 1, H) view of a long (1, T, H) keeps the batch stride
+    T * H, which sends the lm_head matmul down a batched path that copies the (H, V) weight transposed on
+    every call (430 ms instead of 9 ms at 1.2B).
+    """
     if isinstance(logits_to_keep, int):
-        return h if logits_to_keep == 0 else h[:, -logits_to_keep:]
+        if logits_to_keep == 0 or logits_to_keep >= h.shape[1]:
+            return h
+        return h[:, -logits_to_keep:].clone(memory_format=torch.contiguous_format)
     return h[:, logits_to_keep]
 
 
