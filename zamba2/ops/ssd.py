@@ -45,8 +45,9 @@ def ssd_chunked(
     b, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     R = H // G  # heads per group
-    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
-    A = A.float()
+    # x stays in its dtype and is converted a chunk at a time: no (B, T, H, P) fp32 copy of it
+    dt, B, C = dt.float(), B.float(), C.float()
+    A, D = A.float(), D.float()
     state = (
         torch.zeros(b, H, P, N, dtype=torch.float32, device=x.device)
         if initial_state is None
@@ -61,7 +62,8 @@ def ssd_chunked(
         Cc = C[:, start:end].permute(0, 2, 1, 3)  # (b, G, Q, N)
         dtc = dt[:, start:end].transpose(1, 2)  # (b, H, Q)
         cum = (dtc * A[:, None]).cumsum(dim=-1)  # (b, H, Q): log decay from the chunk start through step i
-        xdt = (x[:, start:end] * dt[:, start:end, :, None]).permute(0, 2, 1, 3)  # (b, H, Q, P)
+        xc = x[:, start:end].float()  # (b, Q, H, P)
+        xdt = (xc * dt[:, start:end, :, None]).permute(0, 2, 1, 3)  # (b, H, Q, P)
         xdt = xdt.reshape(b, G, R, Q, P)
 
         # within the chunk: y_i = sum_{j<=i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j
@@ -74,13 +76,12 @@ def ssd_chunked(
         S_t = state.view(b, G, R, P, N).transpose(-1, -2)  # (b, G, R, N, P)
         y_off = torch.matmul(Cc[:, :, None], S_t)  # (b, G, R, Q, P)
         yc.add_(y_off.mul_(cum.exp().view(b, G, R, Q, 1)))
-        y[:, start:end] = yc.view(b, H, Q, P).transpose(1, 2)
+        y[:, start:end] = yc.view(b, H, Q, P).transpose(1, 2).addcmul(xc, D[:, None])  # + D x
 
         # carry: S <- exp(cum_last) S + sum_j exp(cum_last - cum_j) dt_j x_j B_j^T
         to_end = torch.exp(cum[..., -1:] - cum).view(b, G, R, Q, 1)
         new = torch.matmul((xdt * to_end).transpose(-1, -2), Bc[:, :, None])  # (b, G, R, P, N)
         state = state * cum[..., -1].exp()[..., None, None] + new.view(b, H, P, N)
-    y.add_(x * D.float()[:, None])
     return y, state
 
 
