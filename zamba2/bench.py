@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zamba2.allocator import tune_allocator
 from zamba2.config import Zamba2Config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -324,7 +323,7 @@ class Runner:
         start = time.perf_counter()
         seed = plan["seed"]
         self.model = build_reference(config, dtype, seed) if impl == "ref" else build_ours(config, dtype, seed)
-        self.info: dict[str, Any] = {"impl": impl, "quantize": None, "malloc_tuned": False}
+        self.info: dict[str, Any] = {"impl": impl, "quantize": None}
         if impl == "ours" and plan["quantize"]:
             self.info["quantize"] = self._quantize(plan["quantize"])
         if impl == "ours" and plan["compile"]:
@@ -462,13 +461,10 @@ def _worker_main(args: argparse.Namespace) -> int:
         channel.write(json.dumps(obj) + "\n")
 
     try:
-        # What the zamba2 command line does (see zamba2/allocator.py); the reference runs as shipped.
-        tuned = args.worker in ("ours", "load") and tune_allocator()
         if args.worker == "load":
             send({"event": "done", **_load_once(args.dir, args.dtype)})
             return 0
         runner = Runner(args.worker, Zamba2Config.preset(args.arch), DTYPES[args.dtype], _plan(args))
-        runner.info["malloc_tuned"] = tuned
         send({"event": "ready", "info": runner.info})
         for line in sys.stdin:
             cmd = json.loads(line)["cmd"]

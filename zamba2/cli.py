@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import zamba2
-from zamba2.allocator import tune_allocator
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -573,7 +572,6 @@ def _guarded(run: Callable[[], int], debug: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script passes it to sys.exit)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    tune_allocator()  # every subcommand runs a model or a server (zamba2/allocator.py)
     debug = False
     while argv[:1] == ["--debug"]:
         debug, argv = True, argv[1:]

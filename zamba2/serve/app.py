@@ -35,7 +35,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from zamba2.allocator import tune_allocator
 from zamba2.sampling import SamplingParams
 from zamba2.serve.engine import PREFILL_CHUNK, Engine, Failure, GenerationRequest, Output, Progress, QueueFull
 from zamba2.serve.metrics import ServerMetrics
@@ -468,7 +467,6 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     args = build_parser().parse_args(argv)
-    tune_allocator()
     if args.max_queue < 0:
         raise SystemExit("--max-queue must be >= 0")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

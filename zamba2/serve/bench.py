@@ -26,7 +26,6 @@ import time
 
 import torch
 
-from zamba2.allocator import tune_allocator
 from zamba2.checkpoint import resolve_dtype
 from zamba2.config import Zamba2Config
 from zamba2.model import Zamba2ForCausalLM
@@ -197,7 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tune_allocator()
     if args.compile:
         from zamba2.ops import compiled
 
