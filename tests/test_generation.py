@@ -140,28 +140,6 @@ def test_prefill_in_chunks_equals_one_prefill(model, monkeypatch):
     assert torch.equal(model.generate(ids, max_new_tokens=5, eos_token_id=[]), whole)
 
 
-def test_prefill_chunks_shrink_as_the_cache_grows(model, monkeypatch):
-    """Long contexts get smaller chunks (bounded attention scratch), with the same result."""
-    import zamba2.generation as gen
-
-    ids = torch.randint(3, 128, (1, 23))
-    cache = model.model.new_cache(1, 23)
-    whole = gen.prefill(model, ids, None, cache)
-    monkeypatch.setattr(gen, "ATTENTION_BUDGET", 4 * 8)
-    monkeypatch.setattr(gen, "MIN_PREFILL_CHUNK", 2)
-    sizes = []
-    real = model.forward
-
-    def forward(input_ids, **kw):
-        sizes.append(input_ids.shape[1])
-        return real(input_ids, **kw)
-
-    monkeypatch.setattr(model, "forward", forward)
-    cache = model.model.new_cache(1, 23)
-    torch.testing.assert_close(gen.prefill(model, ids, None, cache, chunk_size=4), whole)
-    assert sizes == [4, 4, 2, 2, 2, 2, 2, 2, 2, 1] and cache.seq_len == 23
-
-
 def test_out_of_vocab_ids_and_too_long_prompts_are_clear_errors(model):
     with pytest.raises(ValueError, match=r"input_ids hold id 128 .*vocab_size = 128"):
         model.generate(torch.tensor([[5, 128]]))
