@@ -46,6 +46,6 @@ def gated_rms_norm(
 ) -> torch.Tensor:
     """weight * groupnorm(y * silu(gate)); y, gate (..., I); the RMS is taken over groups of `group_size`."""
     h = y.float() * F.silu(gate.float())  # (..., I)
-    # x * rsqrt(mean(x^2) + eps) over each group, fused (no fp32 x^2 temporary)
+    # x * rsqrt(mean(x^2) + eps) over each group (F.rms_norm; on CPU it still decomposes into the same ops)
     g = F.rms_norm(h.view(*h.shape[:-1], -1, group_size), (group_size,), eps=eps)  # (..., G, I/G)
     return weight * g.view(h.shape).to(out_dtype)
