@@ -7,8 +7,7 @@ drift of a shared machine hits both:
     prefill   tokens/s of one forward over a prompt of each --lengths tokens (batch 1, into a cache)
     ttft      seconds from a 512-token prompt to its first greedy token, cache allocation included
     decode    tokens/s of --decode-steps one-token steps after a 128-token prompt, at --batch and --batched
-    memory    peak RSS of the implementation's own fresh process, per phase, shown as "weights + X"; the
-              batch-1 figure comes from the phases before the first batched decode
+    memory    peak RSS of the implementation's own fresh process, per phase, shown as "weights + X"
     bound     batch-1 GEMVs give the memory bandwidth (best of: a buffer as large as the model's linear
               weights, timed before the run, and each model's own linear weights, timed in every repeat);
               decode cannot beat bandwidth / bytes one step streams, and is reported as a fraction of that
@@ -52,7 +51,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TTFT_PROMPT = 512  # tokens before the first-token timing
 DECODE_PROMPT = 128  # tokens before the decode timing
 LONG_PROMPT = 16384  # added by --long
-BATCH1_PHASES = ("prefill", "decode")  # timed phases whose peak RSS is batch-1 work (besides import and build)
 GB = 1e9
 # transformers.Zamba2Config does not take these: time_step_limit is ours, rope_theta travels in
 # rope_parameters, and the classification fields only matter to a classifier.
@@ -337,7 +335,6 @@ class Runner:
             import zamba2.model  # noqa: F401
         # Peak RSS of each phase (reset in between), so that batch-1 use reads apart from batch-8 decode.
         self.phase_peaks: dict[str, int] = {"import": peak_rss_bytes()}
-        self.rounds = 0  # completed calls of `repeat`
         reset_peak_rss()
         start = time.perf_counter()
         seed = plan["seed"]
@@ -362,10 +359,6 @@ class Runner:
         self._phase_done("warmup")
 
     def _phase_done(self, name: str) -> None:
-        if self.rounds and name in BATCH1_PHASES:
-            # After a batched decode the heap keeps some of its memory (glibc does not always hand it back),
-            # so later rounds' batch-1 phases start higher: they count for the whole run, not as batch-1 peaks.
-            name = f"{name} (later rounds)"
         self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), peak_rss_bytes())
         reset_peak_rss()
 
@@ -436,11 +429,9 @@ class Runner:
         return sum(w.numel() * w.element_size() for w in weights), best
 
     @torch.inference_mode()
-    def warmup(self, batches: set[int] | None = None) -> None:
-        """A short prompt and two steps at each batch size (default: the batch-1 work's). The batched size is
-        warmed just before its first timing, so that the first round's batch-1 phases see no batched work."""
+    def warmup(self) -> None:
         ids = prompt(1, 32, self.config.vocab_size)
-        for batch in batches or {1, self.plan["batch"]}:
+        for batch in {1, self.plan["batch"], self.plan["batched"] or 1}:
             logits, cache = self._prefill(ids.expand(batch, -1), 2)
             for _ in range(2):
                 logits = self._step(logits.argmax(-1), cache)
@@ -460,20 +451,17 @@ class Runner:
         self._phase_done("decode")
         out["gemv"] = self.time_weights_gemv()
         if plan["batched"]:
-            if not self.rounds:
-                self.warmup({plan["batched"]})
             out["batched_decode"] = self.time_decode(plan["batched"], plan["decode_steps"])
             gc.collect()
             self._phase_done("batched_decode")
-        self.rounds += 1
         return out
 
     def close(self) -> dict[str, Any]:
-        """Peak RSS per phase; `peak_rss_bytes` over the whole run, `batch1_peak_rss_bytes` over the phases
-        before any batched work (import, build, batch-1 warm-up, and the first round's prefill and decode)."""
+        """Peak RSS per phase; `peak_rss_bytes` over the whole run, `batch1_peak_rss_bytes` without the
+        warm-up and the batched decode."""
         self._phase_done("close")
         peaks = self.phase_peaks
-        batch1 = [peaks[k] for k in ("import", "build", "warmup", *BATCH1_PHASES) if k in peaks]
+        batch1 = [peaks[k] for k in ("import", "build", "prefill", "decode") if k in peaks]
         return {"peak_rss_bytes": max(peaks.values()), "batch1_peak_rss_bytes": max(batch1), "phases": peaks}
 
 
