@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import functools
 import gc
 import importlib.util
 import json
@@ -307,13 +308,21 @@ def reset_peak_rss() -> None:
         pass
 
 
-def _trim_heap() -> None:
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (not Linux, or another C library)."""
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _trim_heap() -> None:
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def prompt(batch: int, length: int, vocab: int) -> torch.Tensor:
