@@ -254,3 +254,52 @@ def test_many_row_path_equals_reference(mode, dtype):
     got = q(x).float()
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     assert ((got - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 3, 32])  # fused kernels below DEQUANTIZE_ROWS, dequantised GEMM at 32
+def test_forward_columns_equal_the_whole_product(mode, rows):
+    """Products with the two halves of the input features add up to the whole product (no bias)."""
+    torch.manual_seed(0)
+    layer = QuantizedLinear.from_linear(nn.Linear(256, 72, bias=False), mode, group_size=64)
+    x = torch.randn(rows, 256, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        whole = layer(x)
+        halves = layer.forward_columns(x[:, :128], 0, 128).float() + layer.forward_columns(x[:, 128:], 128, 256).float()
+        expected = F.linear(x[:, 128:].float(), layer.dequantized_weight()[:, 128:])
+        assert_close(layer.forward_columns(x[:, 128:], 128, 256), expected, TOL[torch.bfloat16], "columns vs fp32")
+    assert_close(halves, whole, 2 * TOL[torch.bfloat16], "halves vs whole")
+
+
+def test_forward_columns_refuse_a_split_group():
+    layer = QuantizedLinear.from_linear(nn.Linear(256, 64, bias=False), "int4", group_size=128)
+    assert layer.can_take_columns(0, 128) and not layer.can_take_columns(0, 64)
+    with pytest.raises(ValueError, match=r"columns \[0, 64\).*group_size=128"):
+        layer.forward_columns(torch.randn(1, 64), 0, 64)
+    assert QuantizedLinear.from_linear(nn.Linear(256, 64, bias=False), "int8").can_take_columns(0, 64)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_model_splits_qkv_like_the_whole_projection(mode):
+    """Quantised q/k/v take the split fast path (embedding half once per shared block) and give what the whole
+    quantised projections give, in prefill and in cached decode."""
+    from reference import small_kwargs
+
+    from zamba2 import Zamba2Config, Zamba2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Zamba2Config(**small_kwargs(layers_block_type=["hybrid", "mamba", "hybrid"], num_mem_blocks=1,
+                                         use_shared_attention_adapter=True, hidden_size=128))  # fmt: skip
+    model = Zamba2ForCausalLM(config).eval()
+    model.quantize(mode, group_size=64)  # q/k/v read 2 * 128 = 256 features: large enough to be quantised
+    attn = model.model.layers[0].shared_transformer.self_attn
+    assert isinstance(attn.q_proj, QuantizedLinear) and attn.can_split
+    ids = torch.randint(3, 128, (1, 6))
+    with torch.inference_mode():
+        fast = model(ids).logits
+        step_fast = model.generate(ids, max_new_tokens=4)
+        attn.split_projections = False
+        plain = model(ids).logits
+        step_plain = model.generate(ids, max_new_tokens=4)
+    assert_close(fast, plain, 4 * TOL[torch.float32], "split vs whole q/k/v")
+    assert torch.equal(step_fast, step_plain)

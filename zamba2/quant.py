@@ -26,7 +26,9 @@ The int4 layout made by `torch._convert_weight_to_int4pack_for_cpu` interleaves 
 size depends on out_features; it is a private detail of the CPU kernel, so it is never persisted. It is
 built from `qweight` on the first CPU forward and cached (as are scales cast to the activation dtype);
 the cache is dropped when buffers are loaded or moved. In int4 mode the cache holds a second copy of
-the weight codes, so resident memory is about twice `weight_bytes()`.
+the weight codes, so resident memory is about twice `weight_bytes()`. Column ranges used through
+`forward_columns` (the shared block's q/k/v, applied to concat(hidden, embeddings) half by half) get
+their own cached kernel copies: in int8 that is one more copy of those codes.
 
 `quantization_config(...)` is the dict stored under "quantization_config" in config.json; it lists the
 quantized modules so that `apply_quantization_config` can rebuild the same shells before loading.
@@ -243,7 +245,7 @@ class QuantizedLinear(nn.Module):
             else None
         )
         # Kernel-ready tensors per activation dtype, tagged with the buffers they were derived from.
-        self._kernel_cache: dict[torch.dtype, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
+        self._kernel_cache: dict[tuple, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -323,59 +325,93 @@ class QuantizedLinear(nn.Module):
             and not (x.requires_grad and torch.is_grad_enabled())
         )
 
-    def _kernel_tensors(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """(weight, scales) for int8 or (packed, scales_and_zeros) for int4, ready for `dtype` inputs.
+    def _kernel_tensors(
+        self, dtype: torch.dtype, columns: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """(weight, scales) for int8 or (packed, scales_and_zeros) for int4, ready for `dtype` inputs, for the
+        whole weight or the input-feature range `columns`.
 
         Rebuilt whenever a buffer was replaced (`.to()`, assignment); loading clears the cache.
         """
         sources = (self.qweight, self.scales) + ((self.zeros,) if self.mode == "int4" else ())
-        cached = self._kernel_cache.get(dtype)
+        key = (dtype, columns)
+        cached = self._kernel_cache.get(key)
         if cached is not None and all(a is b for a, b in zip(cached[0], sources, strict=True)):
             return cached[1]
+        start, stop = (0, self.in_features) if columns is None else columns
         if self.mode == "int8":
-            # The kernel wants scales in exactly the activation dtype.
-            tensors = (self.qweight.contiguous(), self.scales.to(dtype).contiguous())
+            # The kernel wants scales in exactly the activation dtype (and the codes row-contiguous: a column
+            # range is copied out, the whole weight is used as it is).
+            tensors = (self.qweight[:, start:stop].contiguous(), self.scales.to(dtype).contiguous())
         else:
             n_pad = -self.out_features % _INT4_ROW_MULTIPLE
-            codes = unpack_int4(self.qweight).to(torch.int32)  # (N, K)
-            scales, zeros = self.scales, self.zeros  # (N, G)
+            groups = slice(start // self.group_size, stop // self.group_size)
+            codes = unpack_int4(self.qweight)[:, start:stop].to(torch.int32)  # (N, K')
+            scales, zeros = self.scales[:, groups], self.zeros[:, groups]  # (N, G')
             if n_pad:
                 # Padding rows have code 8, scale 0, zero 0: weight 0; their outputs are sliced away.
                 codes = F.pad(codes, (0, 0, 0, n_pad), value=8)
                 scales = F.pad(scales, (0, 0, 0, n_pad))
                 zeros = F.pad(zeros, (0, 0, 0, n_pad))
             packed = torch._convert_weight_to_int4pack_for_cpu(codes, 2)  # inner_k_tiles: unused on CPU
-            # (G, N, 2): [..., 0] scale, [..., 1] zero, in exactly the activation dtype.
+            # (G', N, 2): [..., 0] scale, [..., 1] zero, in exactly the activation dtype.
             scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(dtype).contiguous()
             tensors = (packed, scales_and_zeros)
-        self._kernel_cache[dtype] = (sources, tensors)
+        self._kernel_cache[key] = (sources, tensors)
         return tensors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input last dim {x.shape[-1]} != in_features={self.in_features}")
+        y = self._product(x, None)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
+
+    def can_take_columns(self, start: int, stop: int) -> bool:
+        """Whether `forward_columns(x, start, stop)` works: int4 ranges must hold whole groups."""
+        if not 0 <= start < stop <= self.in_features:
+            return False
+        return self.mode == "int8" or (start % self.group_size == 0 and stop % self.group_size == 0)
+
+    def forward_columns(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """x (..., stop - start) times the input features [start, stop) of the weight, without bias.
+
+        For callers that hold an input in pieces and reuse one piece's product (shared attention's
+        concat(hidden, embeddings)). The kernels get their own contiguous copy of the column range, built on
+        first use and cached like the whole-weight tensors (int8: one more copy of those codes).
+        """
+        if not self.can_take_columns(start, stop):
+            raise ValueError(
+                f"columns [{start}, {stop}) of a {self.mode} weight with in_features={self.in_features}"
+                + (f" and group_size={self.group_size}" if self.mode == "int4" else "")
+                + " cannot be taken apart (int4 ranges must hold whole groups)"
+            )
+        if x.shape[-1] != stop - start:
+            raise ValueError(f"input last dim {x.shape[-1]} != {stop - start} columns [{start}, {stop})")
+        return self._product(x, (start, stop))
+
+    def _product(self, x: torch.Tensor, columns: tuple[int, int] | None) -> torch.Tensor:
+        """x (..., K') @ W[:, columns]^T, no bias; K' = the column count (all columns when None)."""
+        start, stop = (0, self.in_features) if columns is None else columns
         if not self._use_kernel(x):
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+            return F.linear(x, self.dequantized_weight()[:, start:stop].to(x.dtype))
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K): both kernels take 2-D, row-contiguous
+        x2 = x.reshape(-1, stop - start).contiguous()  # (M, K'): both kernels take 2-D, row-contiguous
         if x2.shape[0] >= DEQUANTIZE_ROWS:
             # Many rows (prefill): the fused kernels are GEMV-shaped and slow here; dequantising once per call
-            # and using the dtype's GEMM costs one pass over the codes and runs at matmul speed.
-            bias = None if self.bias is None else self.bias.to(x.dtype)
+            # and using the dtype's GEMM costs one pass over the codes and runs at matmul speed. A column
+            # range is a strided view of the whole weight, which the GEMM reads as it is.
             weight = self.dequantized_as(x.dtype, out=_scratch(self.out_features * self.in_features, x))
-            return F.linear(x, weight, bias)
-        weight, scales = self._kernel_tensors(x.dtype)
+            return F.linear(x, weight[:, start:stop])
+        weight, scales = self._kernel_tensors(x.dtype, columns)
         if self.mode == "int8":
             y = torch._weight_int8pack_mm(x2, weight, scales)  # (M, N)
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2, weight, self.group_size, scales)  # (M, N padded)
             if y.shape[-1] != self.out_features:
                 y = y[:, : self.out_features]
-        y = y.reshape(*lead, self.out_features)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y
+        return y.reshape(*lead, self.out_features)
 
     # -- bookkeeping ----------------------------------------------------------------------------
 

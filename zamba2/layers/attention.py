@@ -14,6 +14,7 @@ from torch import nn
 from zamba2.cache import HybridCache
 from zamba2.config import Zamba2Config
 from zamba2.ops.rope import apply_rope
+from zamba2.quant import QuantizedLinear
 
 
 def low_rank_adapter(d_in: int, rank: int, d_out: int) -> nn.Sequential:
@@ -22,6 +23,13 @@ def low_rank_adapter(d_in: int, rank: int, d_out: int) -> nn.Sequential:
 
 
 EmbeddingParts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def linear_columns(linear: nn.Linear | QuantizedLinear, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """x (..., stop - start) times the input features [start, stop) of a bias-free projection's weight."""
+    if isinstance(linear, QuantizedLinear):
+        return linear.forward_columns(x, start, stop)
+    return F.linear(x, linear.weight[:, start:stop])
 
 
 class AttentionMask:
@@ -62,8 +70,13 @@ class SharedAttention(nn.Module):
 
     @property
     def can_split(self) -> bool:
-        """Plain float projections can be applied half by half (quantised ones are applied whole)."""
-        return self.split_projections and all(type(p) is nn.Linear for p in (self.q_proj, self.k_proj, self.v_proj))
+        """Whether q/k/v can be applied half by half: float projections always, quantised ones when their
+        codes can be cut at the middle column (int8; int4 when a group does not straddle it)."""
+        W = self.q_proj.in_features
+        return self.split_projections and all(
+            type(p) is nn.Linear or (isinstance(p, QuantizedLinear) and p.can_take_columns(0, W // 2))
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
 
     def embedding_projections(self, emb: torch.Tensor, norm_weight_e: torch.Tensor) -> EmbeddingParts:
         """q, k, v of the embedding half of the input before its per-position norm scale: W[:, H:] (w_e * e).
@@ -73,7 +86,7 @@ class SharedAttention(nn.Module):
         reused: later uses stream half of the q/k/v weights (exact up to rounding)."""
         H = emb.shape[-1]
         ew = norm_weight_e * emb
-        return tuple(F.linear(ew, p.weight[:, H:]) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return tuple(linear_columns(p, ew, H, 2 * H) for p in (self.q_proj, self.k_proj, self.v_proj))
 
     def forward(
         self,
@@ -96,7 +109,7 @@ class SharedAttention(nn.Module):
         else:
             xh = x[..., : W // 2]
             q, k, v = (
-                (F.linear(xh, p.weight[:, : W // 2]).float() + part.float() * inv_rms).to(x.dtype)
+                (linear_columns(p, xh, 0, W // 2).float() + part.float() * inv_rms).to(x.dtype)
                 for p, part in zip((self.q_proj, self.k_proj, self.v_proj), emb_parts, strict=True)
             )
         if self.use_adapters:
