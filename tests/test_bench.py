@@ -67,6 +67,16 @@ def test_smoke_ours_in_process(tmp_path, capsys):
     assert "prefill 16 (tok/s)" in out and "decode batch 2" in out
 
 
+def test_vs_float_measures_the_unquantised_model_in_the_same_run(tmp_path, capsys):
+    report = run(tmp_path, "--no-subprocess", "--quantize", "int8", "--vs-float", "--batched", "0")
+    assert list(report["results"]) == ["ours", "float"]
+    assert report["results"]["float"]["model"]["quantize"] is None
+    assert report["vs_float"]["decode"] > 0 and set(report["vs_float"]["prefill"]) == {"16", "32"}
+    assert "int8 / unquantised: prefill" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main([*SMOKE, "--vs-float"])  # nothing to compare without --quantize
+
+
 @needs_transformers
 def test_smoke_compare_in_process(tmp_path):
     report = run(tmp_path, "--no-subprocess", "--compare", "--dtype", "fp32")

@@ -136,7 +136,10 @@ def test_prefill_in_chunks_equals_one_prefill(model, monkeypatch):
     ids = torch.randint(3, 128, (1, 11))
     whole = model.generate(ids, max_new_tokens=5, eos_token_id=[])
     monkeypatch.setattr(gen, "PREFILL_CHUNK", 4)
-    monkeypatch.setattr(gen.prefill, "__defaults__", (4,))
+    assert torch.equal(model.generate(ids, max_new_tokens=5, eos_token_id=[]), whole)
+    # Long prompts switch to their own (fixed) chunk size.
+    monkeypatch.setattr(gen, "LONG_PROMPT", 8)
+    monkeypatch.setattr(gen, "LONG_PROMPT_CHUNK", 3)
     assert torch.equal(model.generate(ids, max_new_tokens=5, eos_token_id=[]), whole)
 
 

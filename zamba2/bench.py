@@ -351,7 +351,7 @@ class Runner:
         self.info: dict[str, Any] = {"impl": impl, "quantize": None}
         if impl == "ours" and plan["quantize"]:
             self.info["quantize"] = self._quantize(plan["quantize"])
-        if impl == "ours" and plan["compile"]:
+        if impl != "ref" and plan["compile"]:
             from zamba2.ops import compiled
 
             compiled.enable(True)
@@ -853,6 +853,21 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{load['rss_over_weights_after_import']:.2f}x above the {_size(load['import_rss_bytes'])} "
                 f"after imports); {verdict} the target 1.3 x weights + 0.3 GB = {_size(load['target_bytes'])}"
             )
+    unquantised, vs = report["results"].get("float"), report.get("vs_float")
+    if unquantised and vs:
+        decodes = [k for k in ("decode", "batched_decode") if k in unquantised]
+        lines.append(
+            f"ours unquantised ({a['dtype']}), same run: prefill "
+            + " / ".join(f"{unquantised['prefill'][str(n)]['tokens_per_s']:.1f}" for n in a["lengths"])
+            + " tok/s; decode "
+            + ", ".join(f"batch {unquantised[k]['batch']} {unquantised[k]['tokens_per_s']:.1f} tok/s" for k in decodes)
+        )
+        lines.append(
+            f"{a['quantize']} / unquantised: prefill "
+            + " / ".join(f"{vs['prefill'][str(n)]:.2f}x" for n in a["lengths"])
+            + "; decode "
+            + ", ".join(f"batch {unquantised[k]['batch']} {vs[k]:.2f}x" for k in decodes)
+        )
     lines += report["notes"]
     return "\n".join(lines)
 
@@ -924,13 +939,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="where to write the results (bench-results/bench-<arch>-<dtype>.json)")
     p.add_argument("--plot", help="also draw the results to this .png (needs matplotlib)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="quantise our model with zamba2.quant")
+    p.add_argument("--vs-float", action="store_true",
+                   help="with --quantize: also measure our unquantised model in the same run, and the ratios")
     p.add_argument("--compile", action="store_true", help="torch.compile our mixer decode step (zamba2.ops.compiled)")
     p.add_argument("--quality", type=int, nargs="?", const=320, metavar="POSITIONS",
                    help="only report quantisation error: int8/int4 vs bf16, bf16 vs fp32, over POSITIONS (320)")
     p.add_argument("--load", action="store_true", help="also time from_pretrained of a random checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--no-subprocess", action="store_true", help="measure in this process (fast; RSS shared)")
-    p.add_argument("--worker", choices=["ours", "ref", "load"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["ours", "float", "ref", "load"], help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     return p
 
@@ -974,6 +991,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.quantize and "ref" in impls:
         notes.append(f"--quantize {args.quantize} applies to ours only; the reference runs in {args.dtype}")
+    if args.vs_float:
+        if not args.quantize:
+            parser.error("--vs-float compares a quantised model with the unquantised one: add --quantize")
+        if "ours" in impls:
+            impls.insert(1, "float")  # ours unquantised, alternated with the others like any implementation
 
     config, dtype = Zamba2Config.preset(args.arch), DTYPES[args.dtype]
     print("measuring memory bandwidth ...", file=sys.stderr, flush=True)
@@ -1000,6 +1022,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "ours" in results and "ref" in results:
         report["speedup"] = speedups(results["ours"], results["ref"])
+    if "ours" in results and "float" in results:
+        report["vs_float"] = speedups(results["ours"], results["float"])
     if args.load:
         print("measuring checkpoint load ...", file=sys.stderr, flush=True)
         try:

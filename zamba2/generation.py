@@ -18,8 +18,13 @@ from zamba2.cache import HybridCache
 from zamba2.sampling import SamplingParams, sample_next
 
 DEFAULT_MAX_NEW_TOKENS = 20
-# Prompts longer than this are prefilled in pieces, so activations stay bounded for very long inputs.
+# Prompts are prefilled in pieces of this many tokens, so activations stay bounded for any length.
 PREFILL_CHUNK = 512
+# Prompts longer than LONG_PROMPT use LONG_PROMPT_CHUNK pieces, fixed for the whole prompt. At 1.2B and 16k tokens
+# that measured 90 MB less peak RSS than 512 (halved activations, with the (chunk, keys) attention mask the
+# largest of them late in the prompt) at the same speed, since attention over the long context dominates.
+LONG_PROMPT = 4096
+LONG_PROMPT_CHUNK = 256
 
 
 class Streamer(Protocol):
@@ -44,10 +49,14 @@ def prefill(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     cache: HybridCache,
-    chunk_size: int = PREFILL_CHUNK,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Run the prompt (B, T) through the model into `cache`; return the last position's logits (B, V)."""
+    """Run the prompt (B, T) through the model into `cache`; return the last position's logits (B, V).
+
+    `chunk_size`: tokens per forward call; by default PREFILL_CHUNK, or LONG_PROMPT_CHUNK past LONG_PROMPT."""
     T = input_ids.shape[1]
+    if chunk_size is None:
+        chunk_size = LONG_PROMPT_CHUNK if T > LONG_PROMPT else PREFILL_CHUNK
     logits = None
     # Fixed-size chunks: shrinking them as the context grows (to bound the (chunk, keys) attention mask) was
     # measured at 16k tokens to raise peak RSS by 0.27 GB, the heap fragmenting over the changing sizes.

@@ -31,6 +31,7 @@ class SharedMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x) + self.gate_up_proj_adapter_list[str(slot)](x)  # (B, T, 2F)
+        gate_up = self.gate_up_proj(x)  # (B, T, 2F): the largest activation of a prompt chunk, so added in place
+        gate_up += self.gate_up_proj_adapter_list[str(slot)](x)
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
