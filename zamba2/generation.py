@@ -20,11 +20,13 @@ from zamba2.sampling import SamplingParams, sample_next
 DEFAULT_MAX_NEW_TOKENS = 20
 # Prompts are prefilled in pieces of this many tokens, so activations stay bounded for any length.
 PREFILL_CHUNK = 512
-# Prompts longer than LONG_PROMPT use LONG_PROMPT_CHUNK pieces, fixed for the whole prompt. At 1.2B and 16k tokens
-# that measured 90 MB less peak RSS than 512 (halved activations, with the (chunk, keys) attention mask the
-# largest of them late in the prompt) at the same speed, since attention over the long context dominates.
+# Prompts longer than LONG_PROMPT use LONG_PROMPT_CHUNK pieces, fixed for the whole prompt: activations shrink with
+# the piece while attention over the long context, which dominates there, costs the same per token. 16k tokens at
+# 1.2B, fresh process: peak RSS weights + 2.12 GB with 512, 2.01 with 256, 2.00 with 192, in 208-256 s each.
+# Fewer queries per call got slower: 128 measured 35% slower per token (as we read torch's CPU flash kernel, it
+# takes queries in blocks of 32 below 192 and of 64 from 192 on, and reads all of K/V once per block).
 LONG_PROMPT = 4096
-LONG_PROMPT_CHUNK = 256
+LONG_PROMPT_CHUNK = 192
 
 
 class Streamer(Protocol):
