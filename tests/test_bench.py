@@ -169,3 +169,15 @@ def test_quality_report_on_tiny(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"bf16 vs fp32", "int8 vs bf16", "int4 vs bf16"}
     assert all(0 <= r["top1_agreement"] <= 1 and r["relative_logit_error"] >= 0 for r in results.values())
+
+
+def test_reread_bytes_counts_quantised_split_qkv():
+    """Later uses of a shared block stream half of q/k/v, float or quantised (whose codes are smaller)."""
+    config = Zamba2Config.preset("tiny", hidden_size=128, layers_block_type=["hybrid", "mamba", "hybrid"],
+                                 num_hidden_layers=3, num_mem_blocks=1)  # fmt: skip
+    model = bench.build_ours(config, torch.bfloat16)
+    float_bytes = bench.reread_bytes(model)
+    model.quantize("int8")
+    attn = model.model.layers[0].shared_transformer.self_attn
+    assert type(attn.q_proj).__name__ == "QuantizedLinear" and attn.can_split
+    assert 0 < bench.reread_bytes(model) < float_bytes

@@ -214,10 +214,16 @@ def reread_bytes(model: nn.Module) -> int:
             )
             attn = block.self_attn
             if getattr(attn, "can_split", False):
-                extra -= sum(p.weight.numel() * p.weight.element_size() // 2 for p in (attn.q_proj, attn.k_proj,
-                                                                                        attn.v_proj))  # fmt: skip
+                extra -= sum(_linear_bytes(p) // 2 for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         seen.add(key)
     return extra
+
+
+def _linear_bytes(linear: nn.Module) -> int:
+    """What one product streams: a float weight's bytes, or a QuantizedLinear's codes and scales."""
+    if hasattr(linear, "weight_bytes"):
+        return linear.weight_bytes()
+    return linear.weight.numel() * linear.weight.element_size()
 
 
 def streamed_bytes(model: nn.Module) -> int:
