@@ -128,27 +128,35 @@ def test_batch_mismatch_is_an_error(model):
 
 
 def test_compiled_decode_equals_eager_decode():
-    """--compile's fused mixer step (conv, dt, scan, gated norm in one graph) equals the eager step, at two batch
-    sizes (the second compiles once with a symbolic batch) and with a time-step limit that binds."""
+    """--compile's fused mixer step (conv, dt, scan, gated norm in one graph) and fused one-query attention equal
+    the eager steps, at two batch sizes (the second compiles once with a symbolic batch, and is left-padded, so the
+    attention mask is used) and with a time-step limit that binds."""
     from zamba2.ops import compiled
 
     _, model, config = make_pair("lm", **small_kwargs(**CONFIGS["time_step_limit set"], mamba_ngroups=2))
     for b in (1, 3):
         ids = torch.randint(3, config.vocab_size, (b, 10), generator=torch.Generator().manual_seed(b))
+        mask = torch.ones(b, 10, dtype=torch.long)
+        mask[0, :2] = 0 if b > 1 else 1
         runs = []
         for fast in (False, True):
             compiled.enable(fast)
             try:
                 with torch.no_grad():
                     cache = model.model.new_cache(b, 10)
-                    out = [model(ids[:, :4], past_key_values=cache).logits]
-                    out += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(4, 10)]
+                    out = [model(ids[:, :4], attention_mask=mask[:, :4], past_key_values=cache).logits]
+                    out += [
+                        model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache).logits
+                        for t in range(4, 10)
+                    ]
             finally:
                 compiled.enable(False)
             runs.append((torch.cat(out, 1), cache.ssm_states.clone(), cache.conv_states.clone()))
+        from zamba2.layers.attention import one_query_fused
         from zamba2.layers.mamba2 import decode_step_fused
 
-        assert decode_step_fused in compiled._compiled  # the compiled graph ran (no silent eager fallback)
+        # the compiled graphs ran (no silent eager fallback)
+        assert decode_step_fused in compiled._compiled and one_query_fused in compiled._compiled
         (eager, s_eager, c_eager), (fast, s_fast, c_fast) = runs
         print("batch", b, "max diff", maxdiff(fast, eager))
         torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-5)

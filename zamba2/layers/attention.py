@@ -13,6 +13,7 @@ from torch import nn
 
 from zamba2.cache import HybridCache
 from zamba2.config import Zamba2Config
+from zamba2.ops import compiled
 from zamba2.ops.rope import apply_rope
 from zamba2.quant import QuantizedLinear
 
@@ -30,6 +31,33 @@ def linear_columns(linear: nn.Linear | QuantizedLinear, x: torch.Tensor, start: 
     if isinstance(linear, QuantizedLinear):
         return linear.forward_columns(x, start, stop)
     return F.linear(x, linear.weight[:, start:stop])
+
+
+def one_query(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Attention of one query per row and head: q (B, nkv, rep, d), k/v (B, nkv, S, d), allowed (B, 1, 1, S)
+    bool or None -> (B, nkv, rep, d). Two small matmuls; SDPA's CPU flash kernel is ~9x slower for one query."""
+    b, S = q.shape[0], k.shape[2]
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, nkv, rep, S)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed.view(b, 1, 1, S), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+def one_query_fused(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """`one_query` written for torch.compile (`--compile`): products and sums over d and S as broadcasts, which
+    inductor turns into loops reading the strided cache slices once. Batched matmul instead copies every K and V
+    slice of a batch to a contiguous buffer first (their batch stride is the cache's capacity, not S)."""
+    b, S = q.shape[0], k.shape[2]
+    scores = (q[:, :, :, None, :].float() * k[:, :, None].float()).sum(-1) * scale  # (B, nkv, rep, S)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed.view(b, 1, 1, S), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return (probs[..., None] * v[:, :, None].float()).sum(-2).to(v.dtype)  # (B, nkv, rep, d)
 
 
 class AttentionMask:
@@ -139,16 +167,12 @@ class SharedAttention(nn.Module):
         return self.o_proj(out), weights
 
     def _one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-        """Decode: one query per row. Two small matmuls beat SDPA's flash kernel here, and grouping the query
-        heads by kv head avoids materialising repeated K/V. q (B, na, 1, d), k/v (B, nkv, S, d)."""
-        b, S = q.shape[0], k.shape[2]
-        rep = self.n_heads // self.n_kv
-        qg = q.view(b, self.n_kv, rep, self.head_dim)
-        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.scale  # (B, nkv, rep, S)
-        if mask.mask is not None:
-            scores = scores.masked_fill(~mask.mask.view(b, 1, 1, S), float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        return torch.matmul(probs, v).view(b, self.n_heads, 1, self.head_dim)
+        """Decode: one query per row, q (B, na, 1, d), k/v (B, nkv, S, d) -> (B, na, 1, d). Query heads are
+        grouped by kv head, so repeated K/V are never materialised."""
+        b = q.shape[0]
+        qg = q.view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)  # (B, nkv, rep, d)
+        out = compiled.run(one_query_fused, qg, k, v, mask.mask, self.scale, eager=one_query)
+        return out.view(b, self.n_heads, 1, self.head_dim)
 
     def _eager(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, dropout: float
