@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from zamba2 import checkpoint as ckpt
+from zamba2.checkpoint import files as ckpt_files
 from zamba2.config import Zamba2Config
 from zamba2.model import Zamba2ForCausalLM, Zamba2ForSequenceClassification, Zamba2Model
 
@@ -385,7 +386,7 @@ def test_hub_download_monkeypatched(saved, monkeypatch):
         calls.append((repo_id, kw))
         return str(folder)
 
-    monkeypatch.setattr(ckpt, "snapshot_download", fake)
+    monkeypatch.setattr(ckpt_files, "snapshot_download", fake)
     model = load("zyphra/tiny", revision="v1")
     close(logits(model), ref_logits)
     repo, kw = calls[0]
@@ -401,7 +402,7 @@ def test_hub_error_is_wrapped(monkeypatch):
     def fail(repo_id, **kw):
         raise RuntimeError("404 Repository Not Found")
 
-    monkeypatch.setattr(ckpt, "snapshot_download", fail)
+    monkeypatch.setattr(ckpt_files, "snapshot_download", fail)
     with pytest.raises(OSError, match=r"zyphra/missing@main: not a local folder.*RuntimeError: 404"):
         load("zyphra/missing", revision="main")
 

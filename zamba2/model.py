@@ -6,7 +6,7 @@
     h = final_layernorm(h)
 
 The module tree produces the published checkpoint names directly (see blocks.HybridLayer for how the shared
-blocks appear once); zamba2/checkpoint.py is the one place that maps other layouts onto it.
+blocks appear once); zamba2/checkpoint/keys.py is the one place that maps other layouts onto it.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class Zamba2PreTrainedModel(nn.Module):
     def _backbone(self) -> Zamba2Model:
         return self if isinstance(self, Zamba2Model) else self.model
 
-    # Loading and saving live in zamba2/checkpoint.py; these are the documented entry points.
+    # Loading and saving live in zamba2/checkpoint/; these are the documented entry points.
     @classmethod
     def from_pretrained(
         cls,
