@@ -181,3 +181,11 @@ def test_reread_bytes_counts_quantised_split_qkv():
     attn = model.model.layers[0].shared_transformer.self_attn
     assert type(attn.q_proj).__name__ == "QuantizedLinear" and attn.can_split
     assert 0 < bench.reread_bytes(model) < float_bytes
+
+
+def test_kernel_micro_benchmark_runs(capsys, monkeypatch):
+    from zamba2.bench import kernels
+
+    monkeypatch.setattr(kernels, "SHAPES_1_2B", [(64, 256)])
+    assert kernels.main(["--iters", "2"]) == 0
+    assert "64x256" in capsys.readouterr().out

@@ -47,7 +47,6 @@ Kernel facts checked against torch 2.13 (CPU), which the code below relies on:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -590,47 +589,3 @@ def apply_quantization_config(model: nn.Module, config: dict[str, Any]) -> None:
             shells[id(linear)] = shell
         parent_name, child = _split_name(name)
         setattr(model.get_submodule(parent_name), child, shell)
-
-
-# ------------------------------------------------------------------------------------------------
-# Micro-benchmark (not a test)
-
-
-def bench_linear(
-    out_features: int,
-    in_features: int,
-    dtype: torch.dtype = torch.bfloat16,
-    iters: int = 50,
-    group_size: int = 64,
-    batch: int = 1,
-    copies: int = 8,
-    repeats: int = 5,
-) -> dict[str, float]:
-    """Milliseconds per (batch, in) @ (in, out) call: float F.linear vs the int8 and int4 kernels.
-
-    Each variant cycles through `copies` distinct weights so that, as in a real decode step, the
-    weights come from memory rather than from the last-level cache. The variants are timed in
-    turn, `repeats` rounds of `iters` calls each, and the fastest round counts (robust to a shared
-    machine).
-    """
-    torch.manual_seed(0)
-    x = torch.randn(batch, in_features, dtype=dtype)
-    variants: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {"float": [], "int8": [], "int4": []}
-    for _ in range(copies):
-        weight = torch.randn(out_features, in_features) / in_features**0.5
-        float_weight = weight.to(dtype)
-        variants["float"].append(lambda t, w=float_weight: F.linear(t, w))
-        variants["int8"].append(QuantizedLinear.from_weight(weight, None, "int8"))
-        variants["int4"].append(QuantizedLinear.from_weight(weight, None, "int4", group_size))
-    times = {label: float("inf") for label in variants}
-    with torch.inference_mode():
-        for fns in variants.values():
-            for fn in fns:  # warm-up; builds the kernel caches
-                fn(x)
-        for _ in range(repeats):
-            for label, fns in variants.items():
-                start = time.perf_counter()
-                for i in range(iters):
-                    fns[i % copies](x)
-                times[label] = min(times[label], (time.perf_counter() - start) / iters * 1e3)
-    return times
