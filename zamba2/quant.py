@@ -64,8 +64,10 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FORCE_REFERENCE = False
 
 # Inputs with at least this many rows (prompt chunks) dequantise the weight and use the plain GEMM; fewer rows
-# (decode, small batches) use the fused GEMV-shaped kernels.
-DEQUANTIZE_ROWS = 16
+# (decode, batches, short prompts) use the fused kernels. The crossovers measured on the 2-core VM, 8512x2048 bf16
+# (`python -m zamba2.bench.kernels` times the kernels): int8 kernel 5.2 ms vs dequantise + GEMM 5.4 ms at 32 rows,
+# 7.3 vs 6.6 at 48; int4 (whose dequantisation costs ~8 ms) 4.7 vs 11.2 ms at 32 rows, 14.4 vs 14.0 at 96.
+DEQUANTIZE_ROWS = {"int8": 32, "int4": 96}
 
 # The CPU int4 packer needs out_features % 16 == 0; other sizes are padded with zero rows.
 _INT4_ROW_MULTIPLE = 16
@@ -405,7 +407,7 @@ class QuantizedLinear(nn.Module):
             return F.linear(x, self.dequantized_weight()[:, start:stop].to(x.dtype))
         lead = x.shape[:-1]
         x2 = x.reshape(-1, stop - start).contiguous()  # (M, K'): both kernels take 2-D, row-contiguous
-        if x2.shape[0] >= DEQUANTIZE_ROWS:
+        if x2.shape[0] >= DEQUANTIZE_ROWS[self.mode]:
             # Many rows (prefill): the fused kernels are GEMV-shaped and slow here; dequantising once per call
             # (only the columns asked for) and using the dtype's GEMM costs one pass over those codes and runs at
             # matmul speed.
