@@ -81,3 +81,22 @@ def test_split_qkv_equals_whole_projection():
             block.self_attn.split_projections = False
         plain = model(ids).logits
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_query_attention_per_head_loop_equals_batched(masked, monkeypatch):
+    """Long-context eager decode attention (a loop over rows and heads) equals the batched matmuls."""
+    from zamba2.layers import attention
+
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 2, 3, 40, 8), torch.randn(2, 2, 3, 40, 8)  # (J, B, nkv, capacity, d)
+    k, v = keys[1, :, :, :30], values[1, :, :, :30]  # cache slices: not contiguous
+    q = torch.randn(2, 3, 2, 8)  # (B, nkv, rep, d)
+    allowed = None
+    if masked:
+        allowed = torch.ones(2, 1, 1, 30, dtype=torch.bool)
+        allowed[0, ..., :7] = False
+    batched = attention.one_query(q, k, v, allowed, 0.3)
+    monkeypatch.setattr(attention, "LOOP_KEYS", 16)
+    looped = attention.one_query(q, k, v, allowed, 0.3)
+    torch.testing.assert_close(looped, batched)
