@@ -33,9 +33,10 @@ def linear_columns(linear: nn.Linear | QuantizedLinear, x: torch.Tensor, start: 
     return F.linear(x, linear.weight[:, start:stop])
 
 
-# From this many keys on, eager one-query attention loops over rows and heads (see `one_query`). Measured at 1.2B
-# shapes, batch 1: 1.55 vs 0.52 ms at 256 keys (the loop's overhead), equal at 1024, 6.2 vs 30.5 ms at 4096 and
-# 19.6 vs 141.7 ms at 16,000.
+# From this many keys on, eager one-query attention loops over rows and heads (see `one_query`). Per call, batch 1:
+# 1.3 ms batched vs 1.9 looped at 512 keys, 4.4 vs 2.7 at 1024, 141.7 vs 19.6 at 16,000. Whole decode steps at 1.2B,
+# in-process A/B: batch 1 at 2048 keys 217 -> 195 ms, at 16k 1.0-1.1 s -> 0.26 s; batch 8 at 1024 keys 698 -> 430 ms,
+# but at 512 keys 376 -> 399 ms, hence one threshold in keys whatever the batch.
 LOOP_KEYS = 1024
 
 
