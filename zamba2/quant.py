@@ -245,8 +245,9 @@ class QuantizedLinear(nn.Module):
             if bias
             else None
         )
-        # Kernel-ready tensors per activation dtype, tagged with the buffers they were derived from.
-        self._kernel_cache: dict[tuple, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
+        # Kernel-ready tensors per (activation dtype, start, stop) column range, tagged with the buffers they were
+        # derived from: {key: (sources, tensors)}.
+        self._kernel_cache: dict[tuple[torch.dtype, int, int], tuple[tuple[torch.Tensor, ...], ...]] = {}
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -334,20 +335,17 @@ class QuantizedLinear(nn.Module):
             and not (x.requires_grad and torch.is_grad_enabled())
         )
 
-    def _kernel_tensors(
-        self, dtype: torch.dtype, columns: tuple[int, int] | None = None
-    ) -> tuple[torch.Tensor, ...]:
+    def _kernel_tensors(self, dtype: torch.dtype, start: int, stop: int) -> tuple[torch.Tensor, ...]:
         """(weight, scales) for int8 or (packed, scales_and_zeros) for int4, ready for `dtype` inputs, for the
-        whole weight or the input-feature range `columns`.
+        input features [start, stop) (the whole weight: 0, in_features).
 
         Rebuilt whenever a buffer was replaced (`.to()`, assignment); loading clears the cache.
         """
         sources = (self.qweight, self.scales) + ((self.zeros,) if self.mode == "int4" else ())
-        key = (dtype, columns)
+        key = (dtype, start, stop)
         cached = self._kernel_cache.get(key)
         if cached is not None and all(a is b for a, b in zip(cached[0], sources, strict=True)):
             return cached[1]
-        start, stop = (0, self.in_features) if columns is None else columns
         if self.mode == "int8":
             # The kernel wants scales in exactly the activation dtype (and the codes row-contiguous: a column
             # range is copied out, the whole weight is used as it is).
@@ -372,7 +370,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input last dim {x.shape[-1]} != in_features={self.in_features}")
-        y = self._product(x, None)
+        y = self._product(x, 0, self.in_features)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y
@@ -398,11 +396,10 @@ class QuantizedLinear(nn.Module):
             )
         if x.shape[-1] != stop - start:
             raise ValueError(f"input last dim {x.shape[-1]} != {stop - start} columns [{start}, {stop})")
-        return self._product(x, (start, stop))
+        return self._product(x, start, stop)
 
-    def _product(self, x: torch.Tensor, columns: tuple[int, int] | None) -> torch.Tensor:
-        """x (..., K') @ W[:, columns]^T, no bias; K' = the column count (all columns when None)."""
-        start, stop = (0, self.in_features) if columns is None else columns
+    def _product(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """x (..., stop - start) @ W[:, start:stop]^T, without bias."""
         if not self._use_kernel(x):
             return F.linear(x, self.dequantized_weight()[:, start:stop].to(x.dtype))
         lead = x.shape[:-1]
@@ -412,8 +409,8 @@ class QuantizedLinear(nn.Module):
             # (only the columns asked for) and using the dtype's GEMM costs one pass over those codes and runs at
             # matmul speed.
             scratch = _scratch(self.out_features * self.in_features, x)
-            return F.linear(x, self.dequantized_as(x.dtype, out=scratch, columns=columns))
-        weight, scales = self._kernel_tensors(x.dtype, columns)
+            return F.linear(x, self.dequantized_as(x.dtype, out=scratch, columns=(start, stop)))
+        weight, scales = self._kernel_tensors(x.dtype, start, stop)
         if self.mode == "int8":
             y = torch._weight_int8pack_mm(x2, weight, scales)  # (M, N)
         else:
