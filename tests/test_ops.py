@@ -24,6 +24,43 @@ def test_chunked_scan_equals_recurrence(chunk, groups):
     torch.testing.assert_close(s, sr, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_chunked_scan_in_place_equals_autograd_path(groups):
+    """Without autograd the carried state is updated in place; with it, out of place. Same numbers, gradients
+    flow, and the caller's initial state is left alone either way."""
+    g = torch.Generator().manual_seed(5)
+    b, T, H, P, N = 2, 19, 4, 3, 5
+    x, dt = torch.randn(b, T, H, P, generator=g), torch.rand(b, T, H, generator=g) * 0.3
+    A, D = -torch.arange(1, H + 1, dtype=torch.float32), torch.randn(H, generator=g)
+    B, C = torch.randn(b, T, groups, N, generator=g), torch.randn(b, T, groups, N, generator=g)
+    s0 = torch.randn(b, H, P, N, generator=g)
+    kept = s0.clone()
+    with torch.no_grad():
+        y, s = ssd_chunked(x, dt, A, B, C, D, 8, initial_state=s0)
+    xg = x.clone().requires_grad_()
+    yg, sg = ssd_chunked(xg, dt, A, B, C, D, 8, initial_state=s0)
+    (yg.sum() + sg.sum()).backward()
+    torch.testing.assert_close(y, yg.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s, sg.detach(), rtol=1e-6, atol=1e-6)
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    assert torch.equal(s0, kept)
+
+
+def test_gated_rms_norm_in_place_equals_autograd_path():
+    from zamba2.ops.norms import gated_rms_norm
+
+    g = torch.Generator().manual_seed(6)
+    y, gate = torch.randn(3, 5, 16, generator=g), torch.randn(3, 5, 16, generator=g).bfloat16()
+    w = torch.rand(16, generator=g).bfloat16()
+    with torch.no_grad():
+        fast = gated_rms_norm(y, gate, w, 8, 1e-5, torch.bfloat16)
+    plain = gated_rms_norm(y, gate, w.clone().requires_grad_(), 8, 1e-5, torch.bfloat16)
+    assert fast.dtype == plain.dtype == torch.bfloat16
+    assert torch.equal(fast, plain.detach())
+    with torch.no_grad():  # fp32 norm weight on bf16 activations: promoted as in the autograd path
+        assert gated_rms_norm(y, gate, w.float(), 8, 1e-5, torch.bfloat16).dtype == torch.float32
+
+
 def test_chunked_scan_stable_with_strong_decay():
     """Large dt * A inside one chunk: decays underflow to zero cleanly, no inf or NaN."""
     b, T, H, P, N = 1, 64, 2, 3, 4
