@@ -361,7 +361,7 @@ def test_bench_and_serve_delegate(capsys, monkeypatch):
     def no_fastapi(name):
         raise ModuleNotFoundError("No module named 'fastapi'", name="fastapi")
 
-    monkeypatch.setattr(cli.importlib, "import_module", no_fastapi)
+    monkeypatch.setattr(cli.commands.importlib, "import_module", no_fastapi)
     code, _, err = run(capsys, "serve")
     assert code == 1
     assert_one_line_error(err, "needs 'fastapi'", "pip install 'zamba2[serve]'")

@@ -37,7 +37,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
 @pytest.mark.parametrize("shape", [(1, 256), (1, 1, 256), (8, 16, 256), (128, 256)])
 @pytest.mark.parametrize("out_features", [64, 72])  # 72: int4 pads rows to a multiple of 16
 def test_kernel_matches_reference(mode, dtype, shape, out_features, monkeypatch):
-    monkeypatch.setattr(quant, "DEQUANTIZE_ROWS", dict.fromkeys(quant.MODES, 1 << 30))  # fused kernels at any rows
+    # Fused kernels at any rows.
+    monkeypatch.setattr(quant.linear, "DEQUANTIZE_ROWS", dict.fromkeys(quant.MODES, 1 << 30))
     torch.manual_seed(0)
     layer = QuantizedLinear.from_linear(nn.Linear(256, out_features, dtype=dtype), mode, group_size=64)
     x = torch.randn(shape, dtype=dtype)
@@ -201,7 +202,7 @@ def test_reference_path_off_cpu_and_with_grad():
     layer(x).sum().backward()  # the fused kernels have no autograd; this goes through F.linear
     assert torch.allclose(x.grad, layer.dequantized_weight().sum(0).expand(4, -1))
     assert not layer._kernel_cache
-    assert quant.FORCE_REFERENCE is False
+    assert quant.linear.FORCE_REFERENCE is False
 
 
 def test_errors_name_the_field():

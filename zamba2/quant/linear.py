@@ -1,16 +1,4 @@
-"""Weight-only int8 / int4 quantized linear layers for bandwidth-bound CPU decode.
-
-Batch-1 decode reads every weight once per token, so its speed is memory bandwidth / weight bytes.
-Storing weights as int8 (1 byte) or int4 (half a byte) and letting torch's fused CPU kernels dequantise
-on the fly cuts those bytes by 2x / ~3.5x against bf16. Activations stay in the model dtype.
-
-Schemes (all math in fp32, before any cast):
-
-- int8, symmetric per output channel:  w[n, k] ~= q[n, k] * scales[n],  q in [-127, 127],
-  scales[n] = max_k |w[n, k]| / 127 (0 for an all-zero row, whose q are then all 0).
-- int4, asymmetric per group of `group_size` consecutive input features:
-  w[n, k] ~= (q[n, k] - 8) * scales[n, g] + zeros[n, g],  q in [0, 15],  g = k // group_size.
-  `zeros` is the float value of the middle code 8 (torch's kernel convention), i.e. zeros = min + 8 * scale.
+"""QuantizedLinear: a drop-in for nn.Linear with int8 / int4 weight codes, and the CPU kernels it calls.
 
 Persisted format (`state_dict()` of a QuantizedLinear, e.g. under the prefix `lm_head.`):
 
@@ -30,9 +18,6 @@ the weight codes, so resident memory is about twice `weight_bytes()`. Column ran
 `forward_columns` (the shared block's q/k/v, applied to concat(hidden, embeddings) half by half) get
 their own cached kernel copies: in int8 that is one more copy of those codes.
 
-`quantization_config(...)` is the dict stored under "quantization_config" in config.json; it lists the
-quantized modules so that `apply_quantization_config` can rebuild the same shells before loading.
-
 Kernel facts checked against torch 2.13 (CPU), which the code below relies on:
 
 - `_weight_int8pack_mm(x, qweight, scales)`: x 2-D (M, K), contiguous last dim, bf16 / fp16 / fp32;
@@ -41,22 +26,30 @@ Kernel facts checked against torch 2.13 (CPU), which the code below relies on:
   N % 16 == 0; returns uint8 (N, K / 2); inner_k_tiles has no effect on CPU.
 - `_weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)`: x 2-D, bf16 / fp16 / fp32;
   group_size in {32, 64, 128, 256}; K % group_size == 0; scales_and_zeros (K / group_size, N, 2) of
-  exactly x's dtype, [..., 0] the scale and [..., 1] the zero in the convention above.
+  exactly x's dtype, [..., 0] the scale and [..., 1] the zero in the convention of schemes.py.
 - Neither kernel has an autograd formula; inputs that require grad take the reference path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODES = ("int8", "int4")
-GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+from zamba2.quant.schemes import (
+    MODES,
+    _check_weight,
+    check_group_size,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
+
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # When True, every QuantizedLinear uses dequantise-then-matmul, also on CPU. Tests flip it through
@@ -73,7 +66,6 @@ DEQUANTIZE_ROWS = {"int8": 32, "int4": 96}
 _INT4_ROW_MULTIPLE = 16
 # Rows quantised per step in `QuantizedLinear.from_weight`, bounding the transient fp32 copy.
 _ROW_CHUNK = 4096
-_TINY = torch.finfo(torch.float32).tiny
 
 
 @contextmanager
@@ -86,91 +78,6 @@ def reference_kernels() -> Iterator[None]:
         yield
     finally:
         FORCE_REFERENCE = previous
-
-
-# ------------------------------------------------------------------------------------------------
-# Pure functions: quantise / dequantise / nibble packing
-
-
-def _check_weight(weight: torch.Tensor) -> None:
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-
-
-def check_group_size(group_size: int, in_features: int | None = None) -> None:
-    """Raise ValueError unless the int4 kernel accepts `group_size` (and `in_features`, when given)."""
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {GROUP_SIZES} for int4, got {group_size!r}")
-    if in_features is not None and in_features % group_size != 0:
-        raise ValueError(
-            f"in_features={in_features} is not a multiple of group_size={group_size}; "
-            "int4 groups must tile the input dimension exactly"
-        )
-
-
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8. Returns (qweight int8 (out, in), scales fp32 (out,))."""
-    _check_weight(weight)
-    w = weight.float()  # (N, K)
-    amax = w.abs().amax(dim=1)  # (N,)
-    if not torch.isfinite(amax).all():
-        raise ValueError("weight contains inf or nan; cannot quantize")
-    scales = amax / 127
-    # An all-zero row has scale 0; dividing by `tiny` instead keeps its codes at exactly 0.
-    q = torch.round(w / scales.clamp_min(_TINY)[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scales
-
-
-def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(out, in) fp32 weight from int8 codes and per-row scales."""
-    return qweight.float() * scales.float()[:, None]
-
-
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """(N, K) integer codes in [0, 15] -> uint8 (N, K/2); even column in the low nibble."""
-    if codes.shape[-1] % 2 != 0:
-        raise ValueError(f"int4 packing needs an even in_features, got {codes.shape[-1]}")
-    c = codes.to(torch.uint8)
-    return c[:, 0::2] | (c[:, 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, K/2) -> uint8 codes (N, K) in [0, 15]; inverse of `pack_int4`."""
-    low = packed & 0x0F
-    high = packed >> 4
-    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
-
-
-def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric int4 per group of `group_size` input features.
-
-    Returns (qweight uint8 (out, in/2) packed nibbles, scales fp32 (out, in/group), zeros fp32 (out,
-    in/group)) with w ~= (q - 8) * scale + zero.
-    """
-    _check_weight(weight)
-    n, k = weight.shape
-    check_group_size(group_size, k)
-    w = weight.float().reshape(n, k // group_size, group_size)  # (N, G, group)
-    lo = w.amin(dim=-1)  # (N, G)
-    hi = w.amax(dim=-1)
-    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-        raise ValueError("weight contains inf or nan; cannot quantize")
-    scales = (hi - lo) / 15
-    # A constant group gets scale 0: its codes are 0 and `zeros` alone carries the value, exactly.
-    q = torch.round((w - lo[..., None]) / scales.clamp_min(_TINY)[..., None]).clamp_(0, 15)
-    zeros = lo + 8 * scales  # the value of the middle code, the kernel's zero-point convention
-    return pack_int4(q.reshape(n, k)), scales, zeros
-
-
-def dequantize_int4(
-    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
-) -> torch.Tensor:
-    """(out, in) fp32 weight from packed int4 codes and per-group scales / zeros."""
-    codes = unpack_int4(qweight).float()  # (N, K)
-    n, k = codes.shape
-    codes = codes.reshape(n, k // group_size, group_size)
-    w = (codes - 8) * scales.float()[..., None] + zeros.float()[..., None]
-    return w.reshape(n, k)
 
 
 _SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -190,10 +97,6 @@ def _scratch(numel: int, like: torch.Tensor) -> torch.Tensor:
         _SCRATCH.pop(key, None)  # free the old one before allocating the larger
         buf = _SCRATCH[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
     return buf
-
-
-# ------------------------------------------------------------------------------------------------
-# The module
 
 
 class QuantizedLinear(nn.Module):
@@ -445,146 +348,3 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, mode={self.mode}{group}"
         )
-
-
-# ------------------------------------------------------------------------------------------------
-# Whole-model helpers
-
-
-def default_quantize_filter(name: str, module: nn.Module) -> bool:
-    """Which nn.Linear layers `quantize_model` replaces by default.
-
-    Both dimensions must be >= 256 (small projections save little bandwidth and lose more accuracy),
-    and the layer must not be a LoRA adapter of the shared blocks (names containing "adapter_list");
-    adapters stay in the model dtype.
-    """
-    return (
-        isinstance(module, nn.Linear)
-        and module.in_features >= 256
-        and module.out_features >= 256
-        and "adapter_list" not in name
-    )
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    parent, _, child = name.rpartition(".")
-    return parent, child
-
-
-def quantize_model(
-    model: nn.Module,
-    mode: str,
-    group_size: int = 64,
-    include: Callable[[str, nn.Module], bool] | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> dict[str, Any]:
-    """Replace selected nn.Linear layers of `model` by QuantizedLinear, in place, one at a time.
-
-    `include(name, module)` selects layers (default: `default_quantize_filter`); `progress(name, done,
-    total)` is called after each replacement. A Linear whose weight is an embedding's weight (tied
-    lm_head) is quantised from that weight, which stays in the embedding untouched. A Linear reached
-    under several names (a shared block) becomes one QuantizedLinear shared the same way.
-
-    Returns stats: mode, group_size, quantized (count of distinct layers), skipped (distinct Linear
-    layers left in float), modules (every name now holding a QuantizedLinear, aliases included), tied
-    (names of tied layers), bytes_before (float weight bytes of the replaced layers) and bytes_after
-    (their `weight_bytes()`).
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "int4":
-        check_group_size(group_size)
-    include = default_quantize_filter if include is None else include
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    # Names only: holding the modules themselves would keep every float weight alive until the end.
-    names = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear)]
-    selected = [n for n in names if include(n, model.get_submodule(n))]
-    # Same float Linear object -> same replacement. Keyed by id(): the original modules all stay alive
-    # (still in the tree) until their last name is replaced, so an id cannot be reused meanwhile.
-    replaced: dict[int, QuantizedLinear] = {}
-    stats: dict[str, Any] = {
-        "mode": mode,
-        "group_size": group_size if mode == "int4" else None,
-        "quantized": 0,
-        "skipped": 0,
-        "modules": [],
-        "tied": [],
-        "bytes_before": 0,
-        "bytes_after": 0,
-    }
-    for i, name in enumerate(selected):
-        module = model.get_submodule(name)
-        if isinstance(module, nn.Linear):  # else: a shared parent was already updated through another name
-            quantized = replaced.get(id(module))
-            if quantized is None:
-                quantized = QuantizedLinear.from_linear(module, mode, group_size)
-                replaced[id(module)] = quantized
-                stats["quantized"] += 1
-                stats["bytes_before"] += module.weight.numel() * module.weight.element_size()
-                stats["bytes_after"] += quantized.weight_bytes()
-                if id(module.weight) in embedding_weights:
-                    stats["tied"].append(name)
-            parent_name, child = _split_name(name)
-            setattr(model.get_submodule(parent_name), child, quantized)
-        stats["modules"].append(name)
-        del module  # the float weight can go now (unless an embedding or another name still holds it)
-        if progress is not None:
-            progress(name, i + 1, len(selected))
-    stats["skipped"] = sum(isinstance(m, nn.Linear) for m in model.modules())  # distinct, left in float
-    return stats
-
-
-def quantization_config(mode: str, group_size: int = 64, modules: list[str] | None = None) -> dict[str, Any]:
-    """The "quantization_config" entry of config.json describing a model quantised by this module."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "int4":
-        check_group_size(group_size)
-    return {
-        "quant_method": "zamba2",
-        "mode": mode,
-        "group_size": group_size if mode == "int4" else None,
-        "modules": sorted(modules or []),
-    }
-
-
-def apply_quantization_config(model: nn.Module, config: dict[str, Any]) -> None:
-    """Swap the Linear layers named in `config["modules"]` for empty QuantizedLinear shells.
-
-    Use it on a freshly built model before `load_state_dict` of a quantized checkpoint: no weights are
-    quantised, the shells take the Linear's shape, device and (bias) dtype.
-    """
-    if config.get("quant_method") != "zamba2":
-        raise ValueError(
-            f"quantization_config.quant_method must be 'zamba2', got {config.get('quant_method')!r}"
-        )
-    mode = config.get("mode")
-    group_size = config.get("group_size") or 64
-    shells: dict[int, QuantizedLinear] = {}  # one shell per Linear object, so shared layers stay shared
-    for name in config.get("modules", []):
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError as e:
-            raise ValueError(
-                f"quantization_config.modules names {name!r}, which the model does not have"
-            ) from e
-        if isinstance(linear, QuantizedLinear):
-            continue
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(
-                f"quantization_config.modules names {name!r}, a {type(linear).__name__}, not nn.Linear"
-            )
-        shell = shells.get(id(linear))
-        if shell is None:
-            shell = QuantizedLinear(
-                linear.in_features,
-                linear.out_features,
-                mode,
-                group_size,
-                bias=linear.bias is not None,
-                dtype=linear.weight.dtype,
-                device=linear.weight.device,
-            )
-            shells[id(linear)] = shell
-        parent_name, child = _split_name(name)
-        setattr(model.get_submodule(parent_name), child, shell)
