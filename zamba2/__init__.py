@@ -16,6 +16,7 @@ _PUBLIC = {
     "Zamba2ForSequenceClassification": "zamba2.model",
     "HybridCache": "zamba2.cache",
     "Tokenizer": "zamba2.tokenizer",
+    "tune_allocator": "zamba2.allocator:tune",  # name in zamba2 -> "module:attribute" where it differs
 }
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "Zamba2ForCausalLM",
     "Zamba2ForSequenceClassification",
     "Zamba2Model",
+    "tune_allocator",
 ]
 
 
@@ -32,10 +34,12 @@ def __getattr__(name: str):
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'zamba2' has no attribute {name!r}")
-    return getattr(import_module(module), name)
+    module, _, attr = module.partition(":")
+    return getattr(import_module(module), attr or name)
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from zamba2.allocator import tune as tune_allocator
     from zamba2.cache import HybridCache
     from zamba2.config import Zamba2Config
     from zamba2.model import Zamba2ForCausalLM, Zamba2ForSequenceClassification, Zamba2Model

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from zamba2 import allocator
 from zamba2.bench.memory import linear_weight_bytes, measure_bandwidth
 from zamba2.bench.models import DTYPES, quality
 from zamba2.bench.report import (
@@ -84,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    try:  # before the workers start: they inherit ZAMBA2_MALLOC and apply the same setting
+        allocator.tune()
+    except ValueError as err:
+        parser.error(str(err))
     if args.long and LONG_PROMPT not in args.lengths:
         args.lengths = [*args.lengths, LONG_PROMPT]
     if args.worker is not None:

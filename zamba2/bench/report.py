@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from zamba2 import allocator
 from zamba2.bench.memory import GB
 from zamba2.bench.models import DTYPES, build_ours
 from zamba2.bench.runner import (
@@ -206,6 +207,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(), "platform": platform.platform(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "malloc": allocator.state(),  # every worker, ours and the reference alike, runs with the same setting
     }  # fmt: skip
 
 
@@ -225,6 +227,7 @@ def format_table(report: dict[str, Any]) -> str:
         + (f" ({a['quantize']}, ours only)" if a["quantize"] else "")
         + f", best of {a['repeats']}; {m['cpu']}, {m['cores_available']} cores, threads={m['threads']}, "
         f"torch {m['torch']}" + (f", transformers {m['transformers']}" if ref else "")
+        + (f", malloc {m['malloc']}" if m.get("malloc") else "")
         + (f"; load average {m['load_average'][0]:.1f}" if m.get("load_average") else ""),
         f"{'':38}{'ours':>12}{'ref':>12}{'speedup':>10}",
     ]  # fmt: skip

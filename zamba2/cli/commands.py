@@ -141,4 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             reconfigure(errors="replace")
         except (ValueError, OSError):
             pass
-    return _guarded(lambda: COMMANDS[args.command](args), debug)
+    return _guarded(lambda: _run(args), debug)
+
+
+def _run(args) -> int:
+    from zamba2 import allocator
+
+    allocator.tune()  # keep activation memory between prompt chunks (see zamba2/allocator.py)
+    return COMMANDS[args.command](args)

@@ -35,6 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from zamba2 import allocator
 from zamba2.sampling import SamplingParams
 from zamba2.serve.engine import PREFILL_CHUNK, Engine, Failure, GenerationRequest, Output, Progress, QueueFull
 from zamba2.serve.metrics import ServerMetrics
@@ -469,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_queue < 0:
         raise SystemExit("--max-queue must be >= 0")
+    try:
+        allocator.tune()  # keep activation memory between prompt chunks (see zamba2/allocator.py)
+    except ValueError as err:
+        raise SystemExit(f"zamba2 serve: error: {err}") from None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(args)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

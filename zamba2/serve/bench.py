@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from zamba2 import allocator
 from zamba2.checkpoint import resolve_dtype
 from zamba2.config import Zamba2Config
 from zamba2.model import Zamba2ForCausalLM
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    allocator.tune()  # as `zamba2 serve` does
     if args.compile:
         from zamba2.ops import compiled
 
