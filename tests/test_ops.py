@@ -44,6 +44,11 @@ def test_chunked_scan_in_place_equals_autograd_path(groups):
     torch.testing.assert_close(s, sg.detach(), rtol=1e-6, atol=1e-6)
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
     assert torch.equal(s0, kept)
+    # an initial state with other strides (a permuted copy) gives the same result
+    odd = s0.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    with torch.no_grad():
+        y2, s2 = ssd_chunked(x, dt, A, B, C, D, 8, initial_state=odd)
+    assert torch.equal(y2, y) and torch.equal(s2, s) and torch.equal(odd, kept)
 
 
 def test_gated_rms_norm_in_place_equals_autograd_path():

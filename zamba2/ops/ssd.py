@@ -54,7 +54,7 @@ def ssd_chunked(
     if initial_state is None:
         state = torch.zeros(b, H, P, N, dtype=torch.float32, device=x.device)
     else:
-        state = initial_state.float()
+        state = initial_state.float().contiguous()  # (b, H, P, N), viewed below as (b, G, R*P, N)
         if in_place and state is initial_state:
             state = state.clone()  # the caller's tensor is not ours to change
     y = torch.empty(b, T, H, P, dtype=torch.float32, device=x.device)
