@@ -31,13 +31,13 @@ ENV = "ZAMBA2_MALLOC"
 _state: str | None = None  # what tune() did: "tuned", "default" (opted out) or "unsupported"
 
 
-def tune(respect_env: bool = True) -> str:
+def tune() -> str:
     """Apply the settings once per process; returns "tuned", "default" (ZAMBA2_MALLOC=default) or
     "unsupported" (not glibc, or mallopt refused)."""
     global _state
     if _state is not None:
         return _state
-    choice = os.environ.get(ENV, "tuned").strip().lower() if respect_env else "tuned"
+    choice = os.environ.get(ENV, "tuned").strip().lower()
     if choice not in ("tuned", "default"):
         raise ValueError(f"environment variable {ENV}={os.environ[ENV]!r}: expected 'tuned' or 'default'")
     if choice == "default":

@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from zamba2 import allocator
 from zamba2.cli.generate import _resolve, cmd_chat, cmd_generate
 from zamba2.cli.parser import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, CommandError, UsageError, build_parser
 
@@ -145,7 +146,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from zamba2 import allocator
-
     allocator.tune()  # keep activation memory between prompt chunks (see zamba2/allocator.py)
     return COMMANDS[args.command](args)

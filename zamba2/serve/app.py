@@ -467,13 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.max_queue < 0:
         raise SystemExit("--max-queue must be >= 0")
     try:
         allocator.tune()  # keep activation memory between prompt chunks (see zamba2/allocator.py)
     except ValueError as err:
-        raise SystemExit(f"zamba2 serve: error: {err}") from None
+        parser.error(str(err))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(args)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -196,8 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    allocator.tune()  # as `zamba2 serve` does
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        allocator.tune()  # as `zamba2 serve` does
+    except ValueError as err:
+        parser.error(str(err))
     if args.compile:
         from zamba2.ops import compiled
 
