@@ -206,7 +206,7 @@ def test_errors_name_the_file_or_key(tmp_path: Path, tok: Tokenizer, tokenizer_j
     unigram = tmp_path / "unigram.model"
     unigram.write_bytes(b"\x0a\x03\x0a\x01a" + b"\x12\x02\x18\x01")  # one piece, trainer_spec.model_type=1
     with pytest.raises(ValueError, match="model_type"):
-        from zamba2.tokenizer import _backend_from_sentencepiece
+        from zamba2.tokenizer.sentencepiece import _backend_from_sentencepiece
 
         _backend_from_sentencepiece(read_sentencepiece_model(unigram), unigram)
     with pytest.raises(ValueError, match="32000"):

@@ -1,0 +1,256 @@
+"""Tokenizer: text <-> token ids for a checkpoint, bos/eos handling, batches, chat template, save."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+import torch
+from jinja2 import Template, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import processors
+
+from zamba2.tokenizer.config import (
+    _TOKEN_KEYS,
+    _add_config_tokens,
+    _chat_template_from_config,
+    _read_json,
+    _token_content,
+)
+from zamba2.tokenizer.sentencepiece import _backend_from_sentencepiece, read_sentencepiece_model
+
+
+def _raise_from_template(message: str) -> None:
+    raise _TemplateRaised(message)
+
+
+class _TemplateRaised(Exception):
+    """raise_exception(...) called by a chat template."""
+
+
+# --- Tokenizer ---------------------------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """Text <-> token ids for a checkpoint, plus its chat template. Knows nothing about the model."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_token: str | None = "<s>",
+        eos_token: str | None = "</s>",
+        unk_token: str | None = "<unk>",
+        pad_token: str | None = None,
+        add_bos_token: bool = True,
+        add_eos_token: bool = False,
+        chat_template: str | None = None,
+        source: str = "<in memory>",
+    ) -> None:
+        self.backend = backend
+        self.source = source  # the folder it came from, named in error messages
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.unk_token, self.pad_token = unk_token, pad_token
+        self.bos_token_id = self._token_id("bos_token", bos_token)
+        self.eos_token_id = self._token_id("eos_token", eos_token)
+        self.unk_token_id = self._token_id("unk_token", unk_token)
+        self.pad_token_id = self._token_id("pad_token", pad_token)
+        if add_bos_token and self.bos_token_id is None:
+            raise ValueError(f"{source}: add_bos_token is true but there is no bos_token")
+        if add_eos_token and self.eos_token_id is None:
+            raise ValueError(f"{source}: add_eos_token is true but there is no eos_token")
+        added = backend.get_added_tokens_decoder()
+        self.special_ids: frozenset[int] = frozenset(i for i, token in added.items() if token.special)
+        self._template: Template | None = None  # compiled on first use
+
+    def _token_id(self, name: str, token: str | None) -> int | None:
+        if token is None:
+            return None
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"{self.source}: {name} {token!r} is not in the vocabulary")
+        return token_id
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike[str]) -> Tokenizer:
+        """Load from a folder with tokenizer.json (preferred) or tokenizer.model, plus the optional
+        tokenizer_config.json, special_tokens_map.json and chat_template.jinja."""
+        root = Path(folder)
+        config_path = root / "tokenizer_config.json"
+        # tokenizer_config.json wins; special_tokens_map.json fills in what it lacks.
+        config = {**_read_json(root / "special_tokens_map.json"), **_read_json(config_path)}
+        if (root / "tokenizer.json").is_file():
+            backend = tokenizers.Tokenizer.from_file(str(root / "tokenizer.json"))
+            names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+            defaults = {key: name for key, name in names.items() if backend.token_to_id(name) is not None}
+        elif (root / "tokenizer.model").is_file():
+            sp = read_sentencepiece_model(root / "tokenizer.model")
+            backend = _backend_from_sentencepiece(sp, root / "tokenizer.model")
+            ids = dict(zip(_TOKEN_KEYS, (sp.bos_id, sp.eos_id, sp.unk_id, sp.pad_id), strict=True))
+            defaults = {key: sp.pieces[i][0] for key, i in ids.items() if 0 <= i < len(sp.pieces)}
+            _add_config_tokens(backend, config, config_path)
+        else:
+            raise FileNotFoundError(f"{root}: no tokenizer.json or tokenizer.model in this folder")
+        tokens = {
+            key: _token_content(config.get(key, defaults.get(key)), f"{config_path}: {key}")
+            for key in _TOKEN_KEYS
+        }
+        flags = {
+            "add_bos_token": config.get("add_bos_token", True),
+            "add_eos_token": config.get("add_eos_token", False),
+        }
+        for key, value in flags.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"{config_path}: {key} must be true or false, got {value!r}")
+        template_file = root / "chat_template.jinja"
+        if template_file.is_file():
+            template = template_file.read_text(encoding="utf-8")
+        else:
+            template = _chat_template_from_config(
+                config.get("chat_template"), f"{config_path}: chat_template"
+            )
+        return cls(backend, **tokens, **flags, chat_template=template, source=str(root))
+
+    # --- encoding / decoding -------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def _with_special(self, ids: list[int], add_special_tokens: bool) -> list[int]:
+        if add_special_tokens and self.add_bos_token:
+            ids = [self.bos_token_id, *ids]  # type: ignore[list-item]
+        if add_special_tokens and self.add_eos_token:
+            ids = [*ids, self.eos_token_id]  # type: ignore[list-item]
+        return ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids for `text`; bos/eos are added per add_bos_token/add_eos_token when asked."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        # The backend's own post-processor is bypassed so tokenizer_config.json alone decides bos/eos.
+        return self._with_special(self.backend.encode(text, add_special_tokens=False).ids, add_special_tokens)
+
+    def _check_ids(self, ids: Sequence[int] | torch.Tensor) -> list[int]:
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1:
+                raise ValueError(f"decode expects a 1-D tensor of ids, got shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        ids, size = [int(i) for i in ids], self.vocab_size
+        for i in ids:
+            if not 0 <= i < size:
+                raise ValueError(f"token id {i} is outside the vocabulary [0, {size})")
+        return ids
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        """Text for a sequence of ids (a list or a 1-D tensor)."""
+        return self.backend.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(
+        self, batch: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False
+    ) -> list[str]:
+        """decode() for each row of a list of id lists or a (B, T) tensor."""
+        rows = [self._check_ids(row) for row in batch]
+        return self.backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)
+
+    def __call__(
+        self, texts: str | Sequence[str], add_special_tokens: bool = True, padding_side: str = "left"
+    ) -> dict[str, torch.Tensor]:
+        """Encode a batch into padded int64 tensors {"input_ids": (B, T), "attention_mask": (B, T)}.
+
+        Left padding (the default) keeps every row's last token in the last column, as generation wants.
+        Pads with pad_token, else eos_token, else unk_token.
+        """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        if not batch or not all(isinstance(t, str) for t in batch):
+            raise ValueError("texts must be a string or a non-empty sequence of strings")
+        pad_id = next(
+            (i for i in (self.pad_token_id, self.eos_token_id, self.unk_token_id) if i is not None), 0
+        )
+        rows = [
+            self._with_special(e.ids, add_special_tokens)
+            for e in self.backend.encode_batch(batch, add_special_tokens=False)
+        ]
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            cols = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+            input_ids[b, cols] = torch.tensor(row, dtype=torch.long)
+            attention_mask[b, cols] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
+        """Write tokenizer.json and tokenizer_config.json so that from_pretrained (or transformers)
+        reloads the same tokenizer."""
+        root = Path(folder)
+        root.mkdir(parents=True, exist_ok=True)
+        backend = tokenizers.Tokenizer.from_str(self.backend.to_str())
+        # Other readers of tokenizer.json add bos/eos through the post-processor: make it match ours.
+        bos = [self.bos_token] if self.add_bos_token else []
+        eos = [self.eos_token] if self.add_eos_token else []
+        backend.post_processor = processors.TemplateProcessing(
+            single=[*bos, "$A", *eos],
+            pair=[*bos, "$A", *eos, *bos, "$B:1", *eos],
+            special_tokens=[(token, backend.token_to_id(token)) for token in {*bos, *eos}],
+        )
+        backend.save(str(root / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": self.add_bos_token,
+            "add_eos_token": self.add_eos_token,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "unk_token": self.unk_token,
+            "pad_token": self.pad_token,
+            "chat_template": self.chat_template,
+        }
+        (root / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+    # --- chat ----------------------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+    ) -> str | list[int]:
+        """Render `messages` ([{"role": ..., "content": ...}, ...]) with the checkpoint's chat template.
+
+        Returns the prompt text, or its ids (without extra bos/eos: the template places those) when
+        `tokenize` is true. The template runs in jinja2's immutable sandbox.
+        """
+        if self.chat_template is None:
+            raise ValueError(f"{self.source}: this tokenizer has no chat_template (tokenizer_config.json)")
+        for index, message in enumerate(messages):
+            if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+                raise ValueError(f"messages[{index}] must be a mapping with a string 'role', got {message!r}")
+        try:
+            if self._template is None:
+                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+                env.globals["raise_exception"] = _raise_from_template
+                env.filters["tojson"] = lambda value, indent=None: json.dumps(
+                    value, ensure_ascii=False, indent=indent
+                )
+                self._template = env.from_string(self.chat_template)
+            text = self._template.render(
+                messages=[dict(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except _TemplateRaised as exc:
+            raise ValueError(f"{self.source}: chat_template rejected the messages: {exc}") from exc
+        except TemplateError as exc:  # syntax errors, undefined names, sandbox SecurityError
+            raise ValueError(f"{self.source}: chat_template failed: {type(exc).__name__}: {exc}") from exc
+        return self.encode(text, add_special_tokens=False) if tokenize else text
