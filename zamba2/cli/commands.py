@@ -15,6 +15,7 @@ from pathlib import Path
 from zamba2 import allocator
 from zamba2.cli.generate import _resolve, cmd_chat, cmd_generate
 from zamba2.cli.parser import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, CommandError, UsageError, build_parser
+from zamba2.cli.train import cmd_train
 
 # Copied next to the converted weights (save_pretrained writes config.json and its own generation_config).
 TOKENIZER_FILES = (
@@ -81,7 +82,7 @@ def _delegate(name: str, argv: list[str]) -> int:
     return 0 if result is None else int(result)
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "train": cmd_train}
 
 
 # ---- entry point ---------------------------------------------------------------------------------

@@ -1,0 +1,358 @@
+"""The training loop: AdamW, linear warm-up then cosine decay, gradient accumulation, clipping, bf16 autocast
+over fp32 master weights, periodic held-out loss, checkpoints with exact resume, JSONL metrics.
+
+    step s:  for each of grad_accum micro-batches: loss = model(**batch).loss * (targets_b / targets_step);
+             backward.  clip(max_grad_norm); AdamW step; scheduler step.
+    every eval_every steps: held-out loss and perplexity;  every save_every steps: a checkpoint.
+
+The loss of a step is the mean over every target token of the step (all micro-batches together), so the result
+does not depend on how the step is split into micro-batches. The data order is a seeded permutation per epoch;
+the position in it is part of the checkpoint, so a resumed run sees exactly the rows an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zamba2.train import state as ckpt
+from zamba2.train.data import IGNORE, DataError, Labelled, Rows, causal_lm_rows
+
+TASKS = ("causal-lm", "sequence-classification")
+
+
+@dataclass
+class TrainConfig:
+    """One training run; field names are the `zamba2 train` flags."""
+
+    out: str
+    data: str
+    model: str | None = None  # a folder or hub id to fine-tune; or
+    config: str | None = None  # "tiny" / a preset / a config.json: train from a fresh initialisation
+    tokenizer: str | None = None  # with --config: the tokenizer folder
+    eval_data: str | None = None
+    task: str = "causal-lm"
+    num_labels: int | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_targets: list[str] | None = None
+    lora_dropout: float = 0.0
+    seq_len: int = 512
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    steps: int | None = None
+    epochs: float | None = None
+    eval_every: int = 0
+    eval_batches: int | None = None
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    grad_checkpointing: bool = False
+    dtype: str = "fp32"  # fp32 | bf16 (autocast; master weights stay fp32)
+    device: str = "cpu"
+    seed: int = 0
+    threads: int | None = None
+    plot: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped with a message (NaN loss, interrupted); the newest good checkpoint is kept."""
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from 1 down to `min_ratio` at `total`."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    t = min(1.0, (step - warmup) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# ---- building the pieces -------------------------------------------------------------------------
+
+
+def _load_model_and_tokenizer(cfg: TrainConfig):
+    from zamba2 import Zamba2Config, Zamba2ForCausalLM, Zamba2ForSequenceClassification
+    from zamba2.checkpoint import resolve_model_dir
+    from zamba2.tokenizer import Tokenizer
+
+    cls = Zamba2ForSequenceClassification if cfg.task == "sequence-classification" else Zamba2ForCausalLM
+    labels = {"num_labels": cfg.num_labels} if cfg.task == "sequence-classification" else {}
+    if cfg.model is not None:
+        folder = resolve_model_dir(cfg.model)
+        model = cls.from_pretrained(folder, dtype="float32", progress=cfg.progress, **labels)
+        tok = Tokenizer.from_pretrained(cfg.tokenizer or folder)
+        return model, tok, str(cfg.model)
+    if cfg.config in (None, ""):
+        raise DataError("give --model (a checkpoint to fine-tune) or --config (train from scratch)")
+    path = Path(cfg.config)
+    config = Zamba2Config.from_json_file(path) if path.suffix == ".json" else Zamba2Config.preset(cfg.config)
+    for key, value in labels.items():
+        setattr(config, key, value)
+    if labels:
+        config.validate()
+    if cfg.tokenizer is None:
+        raise DataError("--config trains from scratch and needs --tokenizer FOLDER")
+    torch.manual_seed(cfg.seed)
+    model = cls(config)
+    return model, Tokenizer.from_pretrained(cfg.tokenizer), None
+
+
+def _dataset(cfg: TrainConfig, path: str, tok, model) -> Rows | Labelled:
+    if cfg.task == "sequence-classification":
+        return Labelled(path, tok, cfg.seq_len, model.config.num_labels, model.config.label2id)
+    return causal_lm_rows(path, tok, cfg.seq_len, Path(cfg.out) / "data-cache")
+
+
+def _targets(batch: dict[str, torch.Tensor], task: str) -> int:
+    if task == "sequence-classification":
+        return batch["labels"].shape[0]
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def _order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Holds the pieces of one run; `run()` trains to the end (or to the next interruption)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        if cfg.task not in TASKS:
+            raise DataError(f"--task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+        if cfg.task == "sequence-classification" and not cfg.num_labels and cfg.model is None:
+            raise DataError("--task sequence-classification needs --num-labels K")
+        if cfg.seq_len < 2:
+            raise DataError(f"--seq-len must be at least 2, got {cfg.seq_len}")
+        if cfg.dtype not in ("fp32", "bf16"):
+            raise DataError(f"--dtype must be fp32 or bf16 (bf16 = autocast over fp32 weights), got {cfg.dtype!r}")
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.device = torch.device(cfg.device)
+        self.model, self.tok, self.base_name = _load_model_and_tokenizer(cfg)
+        self.lora = cfg.lora_rank is not None
+        if self.lora:
+            from zamba2.train import lora
+
+            alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank
+            lora.add_lora(self.model, cfg.lora_rank, alpha, cfg.lora_targets, cfg.lora_dropout)
+        self.model.to(self.device)
+        if cfg.grad_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not self.params:
+            raise DataError("nothing to train: every parameter is frozen")
+        self.train_data = _dataset(cfg, cfg.data, self.tok, self.model)
+        self.eval_data = _dataset(cfg, cfg.eval_data, self.tok, self.model) if cfg.eval_data else None
+        self.rows_per_step = cfg.batch_size * cfg.grad_accum
+        if cfg.steps is None:
+            epochs = cfg.epochs if cfg.epochs is not None else 1.0
+            self.total_steps = max(1, math.ceil(epochs * len(self.train_data) / self.rows_per_step))
+        else:
+            self.total_steps = cfg.steps
+        decay = [p for n, p in self.params if p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for n, p in self.params if not (p.dim() >= 2 and "embed" not in n)]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup, self.total_steps, cfg.min_lr_ratio)
+        )
+        self.progress = ckpt.Progress()
+        self.metrics_path = self.out / "metrics.jsonl"
+        self._step_start = (0, 0)  # data position before the step in progress
+        if cfg.resume:
+            self._resume()
+
+    # -- state --
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        if self.lora:
+            from zamba2.train import lora
+
+            return lora.adapter_state_dict(self.model)
+        return {n: p for n, p in self.params}
+
+    def _resume(self) -> None:
+        folder = ckpt.latest(self.out)
+        if folder is None:
+            return  # nothing saved yet: a fresh start
+        tensors, self.progress, _ = ckpt.load(folder, self.optimizer, self.scheduler)
+        if self.lora:
+            from zamba2.train import lora
+
+            lora.load_adapter_state_dict(self.model, tensors)
+        else:
+            own = dict(self.params)
+            missing = sorted(set(own) - set(tensors))
+            if missing:
+                raise DataError(f"{folder}: checkpoint lacks {missing[0]} (was it written by another run?)")
+            with torch.no_grad():
+                for name, p in own.items():
+                    p.copy_(tensors[name])
+        self._log({"event": "resumed", "step": self.progress.step, "from": str(folder)})
+
+    def save_checkpoint(self) -> Path:
+        return ckpt.save(self.out, self.trainable_state(), self.optimizer, self.scheduler, self.progress,
+                         asdict(self.cfg), self.cfg.keep_checkpoints)  # fmt: skip
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+    # -- batches --
+    def _next_rows(self) -> list[int]:
+        """The next batch_size row indices, moving through the epochs' permutations."""
+        n = len(self.train_data)
+        rows: list[int] = []
+        while len(rows) < self.cfg.batch_size:
+            order = _order(n, self.cfg.seed, self.progress.epoch)
+            take = order[self.progress.row : self.progress.row + self.cfg.batch_size - len(rows)].tolist()
+            rows += take
+            self.progress.row += len(take)
+            if self.progress.row >= n:
+                self.progress.epoch += 1
+                self.progress.row = 0
+        return rows
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bf16"):
+            out = self.model(**batch, use_cache=False)
+        return out
+
+    def train_step(self) -> tuple[float, int]:
+        """One optimizer step; returns (mean loss over the step's targets, target tokens)."""
+        self.model.train()
+        self._step_start = (self.progress.epoch, self.progress.row)
+        batches = [self.train_data.batch(self._next_rows()) for _ in range(self.cfg.grad_accum)]
+        counts = [_targets(b, self.cfg.task) for b in batches]
+        total = max(1, sum(counts))
+        loss_sum = 0.0
+        for batch, count in zip(batches, counts, strict=True):
+            if count == 0:
+                continue
+            loss = self._forward(batch).loss
+            scaled = loss * (count / total)
+            scaled.backward()
+            loss_sum += float(loss.detach()) * count
+        mean = loss_sum / total
+        if not math.isfinite(mean):
+            raise TrainingStopped(
+                f"the loss became {mean} at step {self.progress.step + 1}; stopped without saving it "
+                "(lower --lr or check the data); the last good checkpoint is kept"
+            )
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.progress.step += 1
+        self.progress.tokens += sum(counts)
+        return mean, sum(counts)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over the held-out set (token-weighted), its perplexity, and accuracy for classification."""
+        assert self.eval_data is not None
+        self.model.eval()
+        n = len(self.eval_data)
+        limit = n if self.cfg.eval_batches is None else min(n, self.cfg.eval_batches * self.cfg.batch_size)
+        loss_sum, count, correct = 0.0, 0, 0
+        for start in range(0, limit, self.cfg.batch_size):
+            batch = self.eval_data.batch(list(range(start, min(limit, start + self.cfg.batch_size))))
+            c = _targets(batch, self.cfg.task)
+            if c == 0:
+                continue
+            out = self._forward(batch)
+            loss_sum += float(out.loss) * c
+            count += c
+            if self.cfg.task == "sequence-classification":
+                correct += int((out.logits.argmax(-1).cpu() == batch["labels"]).sum())
+        loss = loss_sum / max(1, count)
+        result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        if self.cfg.task == "sequence-classification":
+            result["eval_accuracy"] = correct / max(1, count)
+        return result
+
+    def run(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="train", unit="step",
+                   disable=not cfg.progress, dynamic_ncols=True)  # fmt: skip
+        last: dict[str, Any] = {}
+        try:
+            while self.progress.step < self.total_steps:
+                t0 = time.perf_counter()
+                loss, tokens = self.train_step()
+                dt = time.perf_counter() - t0
+                record = {"step": self.progress.step, "loss": round(loss, 5),
+                          "lr": self.scheduler.get_last_lr()[0], "tokens": self.progress.tokens,
+                          "tokens_per_s": round(tokens / dt, 1), "epoch": self.progress.epoch}  # fmt: skip
+                if cfg.eval_every and self.eval_data is not None and self.progress.step % cfg.eval_every == 0:
+                    record.update(self.evaluate())
+                self._log(record)
+                last = record
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / dt:.0f}")
+                bar.update(1)
+                if cfg.save_every and self.progress.step % cfg.save_every == 0:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            bar.close()
+            # the interrupted step never happened: back to its first row, gradients dropped
+            self.progress.epoch, self.progress.row = self._step_start
+            self.optimizer.zero_grad(set_to_none=True)
+            folder = self.save_checkpoint()
+            raise TrainingStopped(f"interrupted at step {self.progress.step}; resumable checkpoint in {folder} "
+                                  f"(run again with --resume)") from None  # fmt: skip
+        finally:
+            bar.close()
+        if self.eval_data is not None and "eval_loss" not in last:
+            last.update(self.evaluate())
+            self._log({"step": self.progress.step, **{k: v for k, v in last.items() if k.startswith("eval")}})
+        self.save_checkpoint()
+        self.export()
+        if cfg.plot:
+            from zamba2.train.plot import plot_metrics
+
+            plot_metrics(self.metrics_path, self.out / "loss.png")
+        return last
+
+    def export(self) -> None:
+        """The result in --out: a PEFT adapter folder (LoRA) or a save_pretrained checkpoint (full)."""
+        if self.lora:
+            from zamba2.train import lora
+
+            lora.save_adapter(self.model, self.out, base_model_name_or_path=self.base_name)
+        else:
+            self.model.save_pretrained(self.out)
+        self.tok.save_pretrained(self.out)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run `cfg` to the end; returns the last metrics record (with held-out loss when --eval-data is given)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return Trainer(cfg).run()
