@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench lint clean
+.PHONY: setup demo test test-all bench lint clean default-model
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,3 +31,14 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The shipped default model (zamba2/models/shakespeare): fetch + split the corpus, train with `zamba2 train`
+# (resumable: run it again after an interruption), then export bf16 weights and the model card.
+DM := build/default-model
+default-model: setup
+	$(PY) recipes/default_model/prepare.py $(DM)
+	$(PY) -m zamba2 train --config recipes/default_model/config.json --tokenizer $(DM)/tokenizer \
+	  --data $(DM)/train --eval-data $(DM)/heldout --out $(DM)/run --resume \
+	  --seq-len 512 --batch-size 8 --lr 2e-3 --warmup 40 --weight-decay 0.1 --steps 800 \
+	  --eval-every 100 --eval-batches 8 --save-every 20 --dtype bf16 --seed 0 --threads 1
+	$(PY) recipes/default_model/finish.py $(DM)

@@ -186,6 +186,10 @@ class Trainer:
         self._step_start = (0, 0)  # data position before the step in progress
         if cfg.resume:
             self._resume()
+        if self.progress.step == 0:
+            tokens = getattr(self.train_data, "tokens", None)
+            self._log({"event": "start", "parameters": self.model.num_parameters(), "train_rows": len(self.train_data),
+                       "train_targets": tokens, "total_steps": self.total_steps})  # fmt: skip
 
     # -- state --
     def trainable_state(self) -> dict[str, torch.Tensor]:
