@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zamba2.cli.parser import EXIT_INTERRUPTED, CommandError, _common, _model_name, _number
+from zamba2.cli.parser import EXIT_INTERRUPTED, UsageError, _common, _model_name, _number
 
 TRAIN_HELP = """\
 LoRA when --lora-rank is given (only the adapters train; --out gets adapter_config.json and
@@ -68,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from zamba2.train import TrainConfig, TrainingStopped, train
 
     if args.task == "sequence-classification" and args.config and not args.num_labels:
-        raise CommandError("--task sequence-classification from --config needs --num-labels K")
+        raise UsageError("--task sequence-classification from --config needs --num-labels K")
     cfg = TrainConfig(
         out=args.out, data=args.data, model=args.model, config=args.config, tokenizer=args.tokenizer,
         eval_data=args.eval_data, task=args.task, num_labels=args.num_labels, lora_rank=args.lora_rank,
