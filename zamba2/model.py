@@ -28,6 +28,7 @@ from zamba2.layers.blocks import HybridLayer, MambaLayer, SharedBlock
 from zamba2.layers.mamba2 import Mamba2Mixer
 from zamba2.ops.norms import GatedRMSNorm, RMSNorm
 from zamba2.ops.rope import rope_tables
+from zamba2.packing import packed_documents
 
 # ---- outputs -------------------------------------------------------------------------------------
 
@@ -230,11 +231,12 @@ class Zamba2Model(Zamba2PreTrainedModel):
         return HybridCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device)
 
     def _attention_mask(
-        self, mask: torch.Tensor | None, T: int, cache: HybridCache | None, device
+        self, mask: torch.Tensor | None, T: int, cache: HybridCache | None, device, seq_idx: torch.Tensor | None
     ) -> AttentionMask:
+        """Causal + padding mask; with `seq_idx` (packed rows, no cache) also block-diagonal over documents."""
         past = cache.seq_len if cache is not None else 0
         padded = (mask is not None and not bool(mask.all())) or (cache is not None and cache.has_padding)
-        if not padded and (past == 0 or T == 1):
+        if not padded and seq_idx is None and (past == 0 or T == 1):
             # SDPA's is_causal aligns the triangle top-left, right only without past keys; one new token
             # sees every key.
             return AttentionMask(None, is_causal=past == 0)
@@ -248,6 +250,8 @@ class Zamba2Model(Zamba2PreTrainedModel):
         q_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1)
         k_pos = torch.arange(S, device=device)[None]  # (1, S)
         allowed = (k_pos <= q_pos)[None] & keys[:, None, :]  # (B, T, S)
+        if seq_idx is not None:  # S == T here: a query sees only keys of its own document
+            allowed = allowed & (seq_idx[:, :, None] == seq_idx[:, None, :])
         # A padded query has no real key to look at; letting it see itself avoids a NaN row that would
         # survive the `* mask` of the next Mamba layer (NaN * 0 = NaN).
         allowed = allowed | (k_pos == q_pos)[None]
@@ -270,6 +274,12 @@ class Zamba2Model(Zamba2PreTrainedModel):
 
         With `past_key_values` the call continues those sequences (one token or several). `cache_position` is
         accepted for API compatibility; the cache tracks its own position.
+
+        Packed rows: `position_ids` (B, T) or (1, T) that restart at 0 inside a row mark document starts. Each
+        document then gets exactly what it gets alone: the conv and SSM states restart at its first token,
+        attention never looks across a document boundary, RoPE uses the given positions. This is a training and
+        scoring convention: no cache is made by default, and asking for one (`use_cache=True` or
+        `past_key_values`) is an error.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -281,13 +291,6 @@ class Zamba2Model(Zamba2PreTrainedModel):
                 raise ValueError(f"input_ids hold id {bad} outside the vocabulary (vocab_size = {vocab})")
         emb = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
         b, T, _ = emb.shape
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        cache = past_key_values
-        if cache is None and use_cache:
-            cache = self.new_cache(b, T)
-        if cache is not None and cache.batch_size != b:
-            raise ValueError(f"past_key_values holds {cache.batch_size} sequences but the input has {b}")
         mask = None
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < T:
@@ -298,9 +301,29 @@ class Zamba2Model(Zamba2PreTrainedModel):
             mask = attention_mask[:, -T:]
             if bool(mask.all()):
                 mask = None
+        seq_idx = None
+        if position_ids is not None:
+            if position_ids.dim() != 2 or position_ids.shape[0] not in (1, b) or position_ids.shape[1] != T:
+                raise ValueError(
+                    f"position_ids must be (batch, tokens) = ({b}, {T}) or (1, {T}); got {tuple(position_ids.shape)}"
+                )
+            position_ids = position_ids.expand(b, T)
+            seq_idx = packed_documents(position_ids, mask)  # None unless a row restarts at 0
+            if seq_idx is not None and (use_cache or past_key_values is not None):
+                raise ValueError(
+                    "position_ids restart at 0 inside a row (packed documents), which works without a cache "
+                    "only; pass use_cache=False and no past_key_values"
+                )
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training and seq_idx is None
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self.new_cache(b, T)
+        if cache is not None and cache.batch_size != b:
+            raise ValueError(f"past_key_values holds {cache.batch_size} sequences but the input has {b}")
         if cache is not None:
             cache.begin(mask, T)
-        attn_mask = self._attention_mask(mask, T, cache, emb.device)
+        attn_mask = self._attention_mask(mask, T, cache, emb.device, seq_idx)
         rope = None
         if self.config.use_mem_rope:
             if position_ids is None:
@@ -319,9 +342,9 @@ class Zamba2Model(Zamba2PreTrainedModel):
             if output_hidden_states:
                 all_hidden.append(h)
             if isinstance(layer, HybridLayer):
-                args = (h, emb, mask, attn_mask, rope, cache, output_attentions, emb_parts)
+                args = (h, emb, mask, attn_mask, rope, cache, output_attentions, emb_parts, seq_idx)
             else:
-                args = (h, mask, cache)
+                args = (h, mask, cache, None, seq_idx)
             if checkpointing:
                 out = checkpoint(layer, *args, use_reentrant=False)
             else:

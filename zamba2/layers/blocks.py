@@ -31,9 +31,11 @@ class MambaLayer(nn.Module):
         mask: torch.Tensor | None,
         cache: HybridCache | None,
         extra: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """seq_idx (B, T): document index of packed rows, or None (see Mamba2Mixer.forward)."""
         x = self.input_layernorm(h if extra is None else h + extra)
-        return h + self.mamba(x, mask, cache)
+        return h + self.mamba(x, mask, cache, seq_idx)
 
 
 class SharedBlock(nn.Module):
@@ -98,6 +100,8 @@ class HybridLayer(nn.Module):
         cache: HybridCache | None,
         output_attentions: bool = False,
         emb_parts: dict | None = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`attn_mask` already keeps packed documents apart; `seq_idx` does the same for the Mamba layer."""
         t, weights = self.shared_transformer(h, emb, self.slot, attn_mask, rope, cache, output_attentions, emb_parts)
-        return self.mamba_decoder(h, mask, cache, extra=self.linear(t)), weights
+        return self.mamba_decoder(h, mask, cache, extra=self.linear(t), seq_idx=seq_idx), weights

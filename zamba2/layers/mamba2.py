@@ -60,14 +60,25 @@ class Mamba2Mixer(nn.Module):
         self.D.fill_(1.0)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: HybridCache | None = None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: HybridCache | None = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, hidden), already normalised; mask (B, T) with 0 at padding."""
+        """x (B, T, hidden), already normalised; mask (B, T) with 0 at padding; seq_idx (B, T) document index
+        of packed rows (the conv and the scan restart at each document), or None."""
         if cache is not None and cache.seq_len > 0 and x.shape[1] == 1:
             return self.step(x, cache)
-        return self.prefill(x, mask, cache)
+        return self.prefill(x, mask, cache, seq_idx)
 
-    def prefill(self, x: torch.Tensor, mask: torch.Tensor | None, cache: HybridCache | None) -> torch.Tensor:
+    def prefill(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: HybridCache | None,
+        seq_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         b, T, _ = x.shape
         m = None if mask is None else mask[..., None].to(x.dtype)  # (B, T, 1)
         if m is not None:
@@ -75,7 +86,7 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self.in_proj(x).split([self.I, self.conv_dim, self.H], dim=-1)
         continuing = cache is not None and cache.seq_len > 0
         conv_state = cache.conv_states[self.layer_idx] if continuing else None
-        xBC, new_conv_state = conv_full(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+        xBC, new_conv_state = conv_full(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, seq_idx)
         xBC = F.silu(xBC)
         if m is not None:
             xBC = xBC * m  # zero again: the conv bias made padding positions non-zero
@@ -89,6 +100,7 @@ class Mamba2Mixer(nn.Module):
             self.D,
             self.chunk_size,
             initial_state=cache.ssm_states[self.layer_idx] if continuing else None,
+            seq_idx=seq_idx,
         )
         if cache is not None:
             cache.conv_states[self.layer_idx].copy_(new_conv_state.detach())

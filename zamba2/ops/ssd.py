@@ -13,6 +13,11 @@ Three forms of it live here:
   step written for torch.compile (one read and one write of the state), used under `--compile`.
 - `ssd_reference`: a plain loop over time using the recurrence, for tests only.
 
+Packed rows: with `seq_idx` (B, T), a document index per position (constant within a document, each document
+one contiguous run), `ssd_chunked` treats each document as its own sequence: the state is zero at every document
+start, so no information flows from one document into the next. An initial state belongs to the row's first
+document. `ssd_reference` with `seq_idx` runs the documents one by one.
+
 All math runs in fp32 whatever the inputs' dtype; the state is fp32.
 Shapes: x (B, T, H, P); dt (B, T, H) already softplus'ed and clamped; A (H,) negative; B, C (B, T, G, N) with
 head h reading group h // (H / G); D (H,); state (B, H, P, N).
@@ -21,6 +26,8 @@ head h reading group h // (H / G); D (H,); state (B, H, P, N).
 from __future__ import annotations
 
 import torch
+
+from zamba2.packing import document_spans
 
 
 def _causal(Q: int, device: torch.device) -> torch.Tensor:
@@ -36,11 +43,18 @@ def ssd_chunked(
     D: torch.Tensor,
     chunk_size: int,
     initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked scan over a prompt. Returns y (B, T, H, P) fp32 and the final state (B, H, P, N) fp32.
 
     Decays inside a chunk are exp(cum_i - cum_j) with cum the running sum of dt * A from the chunk start, as
     in the Mamba2 kernels; keeping chunks short keeps those sums small.
+
+    `seq_idx` (B, T) int, optional: document index of each position (packed rows, see the module docstring).
+    Inside a chunk, weights between positions of different documents are zero, the carried state reaches only
+    positions of the document running at the chunk start, and the state carried out holds only the chunk's last
+    document (the old state is decayed to zero when a document starts in the chunk). The returned state is then
+    the last document's.
     """
     b, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
@@ -69,9 +83,16 @@ def ssd_chunked(
         xc = x[:, start:end].float()  # (b, Q, H, P)
         xdt = (xc * dt[:, start:end, :, None]).permute(0, 2, 1, 3)  # (b, H, Q, P)
         xdt = xdt.reshape(b, G, R, Q, P)
+        allowed = mask[:Q, :Q]  # (Q, Q), or (b, 1, Q, Q) with documents
+        if seq_idx is not None:
+            doc = seq_idx[:, start:end]  # (b, Q)
+            allowed = allowed & (doc[:, :, None] == doc[:, None, :])[:, None]
+            # 1 where the position (or the chunk's end) is in the document the carried state belongs to
+            running = (doc == seq_idx[:, max(start - 1, 0), None]).float()  # (b, Q)
+            last_doc = (doc == doc[:, -1:]).float()[:, None, None, :, None]  # (b, 1, 1, Q, 1): the end's document
 
         # within the chunk: y_i = sum_{j<=i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j
-        seg = (cum[..., :, None] - cum[..., None, :]).masked_fill_(~mask[:Q, :Q], -torch.inf)  # (b, H, Q, Q)
+        seg = (cum[..., :, None] - cum[..., None, :]).masked_fill_(~allowed, -torch.inf)  # (b, H, Q, Q)
         scores = torch.matmul(Cc, Bc.transpose(-1, -2))[:, :, None]  # C_i . B_j: (b, G, 1, Q, Q)
         weights = seg.exp_().view(b, G, R, Q, Q) * scores  # not in place: autograd needs exp's output
         yc = torch.matmul(weights, xdt)  # (b, G, R, Q, P)
@@ -79,12 +100,18 @@ def ssd_chunked(
         # from the carried state: y_i += exp(cum_i) C_i . S. The R heads of a group share C_i, so their states
         # stack into one (R*P, N) matrix: one GEMM per group instead of R small ones over a transposed copy.
         y_off = torch.matmul(state.view(b, G, R * P, N), Cc.transpose(-1, -2))  # (b, G, R*P, Q)
-        yc.addcmul_(y_off.view(b, G, R, P, Q).transpose(-1, -2), cum.exp().view(b, G, R, Q, 1))
+        from_state = cum.exp()  # (b, H, Q)
+        if seq_idx is not None:
+            from_state = from_state * running[:, None]  # a new document does not see the carried state
+        yc.addcmul_(y_off.view(b, G, R, P, Q).transpose(-1, -2), from_state.view(b, G, R, Q, 1))
         y[:, start:end] = yc.view(b, H, Q, P).transpose(1, 2).addcmul(xc, D[:, None])  # + D x
 
         # carry: S <- exp(cum_last) S + sum_j exp(cum_last - cum_j) dt_j x_j B_j^T, again one GEMM per group
         to_end = torch.exp(cum[..., -1:] - cum).view(b, G, R, Q, 1)
         decay = cum[..., -1].exp()[..., None, None]  # (b, H, 1, 1)
+        if seq_idx is not None:
+            to_end = to_end * last_doc  # only the last document's steps enter the carried state
+            decay = decay * running[:, -1, None, None, None]  # 0 when a document started in this chunk
         upd = (xdt * to_end).transpose(-1, -2).reshape(b * G, R * P, Q)  # rows: (head, p)
         if in_place:
             state.mul_(decay).view(b * G, R * P, N).baddbmm_(upd, Bc.reshape(b * G, Q, N))
@@ -149,8 +176,12 @@ def ssd_reference(
     C: torch.Tensor,
     D: torch.Tensor,
     initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequential recurrence, one step at a time (tests only). Same contract as `ssd_chunked`."""
+    """Sequential recurrence, one step at a time (tests only). Same contract as `ssd_chunked`.
+
+    With `seq_idx` each row is cut into its documents and each document runs alone from a zero state (the first
+    one from `initial_state`); the returned state is the last document's."""
     b, T, H, P = x.shape
     N = B.shape[-1]
     state = (
@@ -158,5 +189,14 @@ def ssd_reference(
         if initial_state is None
         else initial_state.float().clone()
     )
-    ys = [ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D) for t in range(T)]
-    return torch.stack(ys, dim=1), state
+    if seq_idx is None:
+        ys = [ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D) for t in range(T)]
+        return torch.stack(ys, dim=1), state
+    y = torch.empty(b, T, H, P, dtype=torch.float32, device=x.device)
+    for row in range(b):
+        for n, (lo, hi) in enumerate(document_spans(seq_idx[row])):
+            s0 = state[row : row + 1] if n == 0 else None
+            xd, dtd, Bd, Cd = (t[row : row + 1, lo:hi] for t in (x, dt, B, C))
+            y[row : row + 1, lo:hi], last = ssd_reference(xd, dtd, A, Bd, Cd, D, initial_state=s0)
+        state[row] = last[0]
+    return y, state
