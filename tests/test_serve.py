@@ -40,7 +40,7 @@ CHAT_TOKENS = {
     "32000": {"content": "<|im_start|>", "special": True},
     "32001": {"content": "<|im_end|>", "special": True},
 }
-MAX_CONCURRENCY, MAX_QUEUE, LIMIT = 8, 4, 4096
+MAX_CONCURRENCY, MAX_QUEUE, LIMIT = 8, 4, 2048  # the tiny model's context: 4096 tokens
 
 
 @pytest.fixture(scope="module")

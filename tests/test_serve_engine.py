@@ -144,7 +144,10 @@ def test_prompt_cache_lookup_and_lru():
 
     pc = PromptCache(capacity_bytes=sum(snap(n).memory_bytes() for n in (4, 2, 3)) - 1)
     pc.put([1, 2, 3, 4], snap(4))
-    assert pc.lookup([1, 2, 3, 4]) is None  # a strict prefix only: one token must be left to run
+    assert pc.lookup([1, 2, 3, 4]) is None  # a strict prefix only: one token must be left to run...
+    pc.put([1, 2, 3, 4], snap(4), logits=torch.zeros(VOCAB))
+    assert pc.lookup([1, 2, 3, 4]).tokens == (1, 2, 3, 4)  # ...unless the logits after it were kept
+    pc.put([1, 2, 3, 4], snap(4))
     assert pc.lookup([1, 2, 3, 4, 5]).tokens == (1, 2, 3, 4)
     assert pc.lookup([1, 2, 9, 4, 5]) is None
     pc.put([1, 2], snap(2))
@@ -152,7 +155,7 @@ def test_prompt_cache_lookup_and_lru():
     pc.put([7, 7, 7], snap(3))  # over the byte bound: the least recently used entry goes
     assert len(pc) == 2 and pc.bytes <= pc.capacity_bytes
     assert pc.lookup([1, 2, 5]) is None
-    assert (pc.hits, pc.misses) == (2, 3)
+    assert (pc.hits, pc.misses) == (3, 3)
 
 
 # ---- engine --------------------------------------------------------------------------------------
@@ -171,8 +174,9 @@ def test_sequences_joining_at_different_times_match_generating_alone(model):
         assert sink.tokens == alone(model, prompt(n, seed), new), f"prompt of {n} tokens"
         assert sink.outputs[-1].finish_reason == "length"
         assert sink.outputs[-1].completion_tokens == new and sink.outputs[-1].prompt_tokens == n
-    # the 23-token prompt was prefilled in chunks of 8 and reported progress
-    assert sum(isinstance(e, Progress) for e in sinks[1].events) == 2
+    # the 23-token prompt was prefilled in chunks of at most 8 (shared with the 3-token prompt that arrived
+    # meanwhile) and reported progress
+    assert sum(isinstance(e, Progress) for e in sinks[1].events) >= 2
     assert engine.active == 0 and engine.outstanding == 0 and engine._batch is None
 
 
@@ -299,3 +303,145 @@ def test_bench_runs_on_the_tiny_architecture():
     assert set(report["decode_tokens_per_s"]) == {"1", "2"} and report["decode_speedup"]["2"] > 0
     assert report["second_turn"]["identical_greedy_output"] and report["second_turn"]["history_tokens"] == 43
     assert "TTFT with prompt cache" in bench.format_report(report)
+
+
+# ---- failures, limits, fairness, shutdown --------------------------------------------------------
+
+
+def test_fair_shares_give_every_prompt_a_part_of_the_budget():
+    from zamba2.serve.engine import fair_shares
+
+    assert fair_shares([10, 5000], 256) == [10, 246]
+    assert fair_shares([5000, 5000], 256) == [128, 128]
+    assert fair_shares([5000, 3, 40], 64) == [31, 3, 30]
+    assert fair_shares([7, 7, 7], 2) == [1, 1, 0]
+    assert sum(fair_shares([900, 800, 700], 256)) == 256
+
+
+@pytest.fixture(scope="module")
+def poisoned():
+    """An untied tiny model whose embedding of one token is NaN, and that token: it is the third token the
+    greedy continuation of prompt(6, 91) produces, so that request breaks in its third decode step, with real
+    NaN logits in its own batch row only."""
+    torch.manual_seed(3)
+    config = Zamba2Config.preset("tiny", vocab_size=VOCAB, num_key_value_heads=2, tie_word_embeddings=False)
+    m = Zamba2ForCausalLM(config).eval()
+    bad = alone(m, prompt(6, 91), 4)[2]
+    assert bad not in prompt(6, 91) and bad not in alone(m, prompt(6, 91), 4)[:2]
+    with torch.no_grad():
+        m.model.embed_tokens.weight[bad] = float("nan")
+    return m, bad
+
+
+def clean_prompt(poisoned, n: int, seed: int) -> list[int]:
+    """A prompt of n tokens without the poisoned token, whose greedy continuation avoids it too."""
+    model, bad = poisoned
+    while bad in prompt(n, seed) or bad in alone(model, prompt(n, seed), 12):
+        seed += 1000
+    return prompt(n, seed)
+
+
+def test_a_request_failing_mid_decode_leaves_the_batch_alone(poisoned):
+    model, bad = poisoned
+    engine = Engine(model, max_concurrency=4, prefill_chunk=16)
+    sampled = SamplingParams(do_sample=True, temperature=0.8, top_k=20)
+    greedy_ids, sampled_ids = clean_prompt(poisoned, 9, 92), clean_prompt(poisoned, 5, 93)
+    expected = alone(model, greedy_ids, 12), alone(model, sampled_ids, 12, do_sample=True, temperature=0.8,
+                                                       top_k=20, seed=4)  # fmt: skip
+    assert bad not in expected[0] + expected[1]
+    streams = [submit(engine, greedy_ids, 12), submit(engine, sampled_ids, 12, params=sampled, seed=4)]
+    engine.step()
+    engine.step()  # both are decoding when the failing request joins
+    failing = submit(engine, prompt(6, 91), 8)
+    run(engine, [*streams, failing])
+    assert [s.tokens for s in streams] == list(expected)
+    assert isinstance(failing.events[-1], Failure) and "not finite" in failing.events[-1].message
+    assert len(failing.tokens) == 3  # it failed in its third decode step, after emitting three tokens
+    assert engine.outstanding == 0 and engine.untracked == 0 and engine.stats.failed == 1
+    # a request whose sampling breaks (parameters made invalid behind the validator's back) fails alone too
+    later = submit(engine, greedy_ids, 6)
+    broken_params = SamplingParams(do_sample=True)
+    broken = submit(engine, sampled_ids, 6, params=broken_params, seed=1)
+    engine.step()
+    assert len(engine._running) == 2 and broken.tokens
+    broken_params.temperature = float("nan")
+    run(engine, [later, broken])
+    assert later.tokens == expected[0][:6] and isinstance(broken.events[-1], Failure)
+    assert engine.health() == {"outstanding": 0, "active": 0, "queued": 0, "untracked": 0, "alive": True,
+                               "stalled_s": 0.0}  # fmt: skip
+
+
+def test_a_prompt_with_non_finite_logits_fails_and_frees_its_slot(poisoned):
+    """The bug behind the wedge: a failure at the first sample lost the request and its slot for good."""
+    model, bad = poisoned
+    engine = Engine(model, max_concurrency=1, max_queue=0)
+    for _ in range(3):  # one slot: a leak would make the next submit raise QueueFull
+        sink = submit(engine, clean_prompt(poisoned, 4, 94) + [bad], 4)
+        run(engine, [sink])
+        assert isinstance(sink.events[-1], Failure) and not sink.tokens
+    ok = submit(engine, clean_prompt(poisoned, 4, 94), 4)
+    run(engine, [ok])
+    assert ok.tokens == alone(model, clean_prompt(poisoned, 4, 94), 4)
+    assert engine.outstanding == 0 and engine.untracked == 0
+
+
+def test_tiny_temperatures_and_penalties_sample_without_failing(model):
+    engine = Engine(model, max_concurrency=4)
+    ids = prompt(7, 95)
+    sinks = [
+        submit(engine, ids, 6, params=SamplingParams(do_sample=True, temperature=1e-40), seed=1),
+        submit(engine, ids, 6, params=SamplingParams(do_sample=True, temperature=1e-300, top_p=1e-9), seed=2),
+        submit(engine, ids, 6, params=SamplingParams(do_sample=True, repetition_penalty=1e-300, min_p=1.0), seed=3),
+    ]
+    run(engine, sinks)
+    assert all(not isinstance(s.events[-1], Failure) for s in sinks)
+    assert sinks[0].tokens == sinks[1].tokens == alone(model, ids, 6)  # temperature -> 0 is greedy
+    assert len(sinks[2].tokens) == 6 and engine.stats.failed == 0
+
+
+def test_identical_prompt_resent_hits_the_prompt_cache(model):
+    engine = Engine(model, prefill_chunk=16, prompt_cache_bytes=64 << 20)
+    ids = prompt(21, 96)
+    first = submit(engine, ids, 5, logprobs=2)
+    run(engine, [first])
+    prefilled = engine.stats.prompt_tokens
+    again = submit(engine, ids, 5, logprobs=2)
+    run(engine, [again])
+    assert engine.stats.prompt_tokens == prefilled  # no prompt token ran through the model again
+    assert again.outputs[-1].cached_tokens == 21 and engine.prompt_cache.hits == 1
+    assert again.tokens == first.tokens == alone(model, ids, 5)
+    lp = [[e.logprob for o in s.outputs for e in o.logprobs] for s in (first, again)]
+    assert max(abs(a - b) for a, b in zip(*lp, strict=True)) < 1e-5
+
+
+def test_a_short_prompt_behind_a_long_one_starts_within_a_few_chunks(model):
+    engine = Engine(model, prefill_chunk=16)
+    long = submit(engine, prompt(400, 97), 2)
+    engine.step()
+    short = submit(engine, prompt(5, 98), 2)
+    for _ in range(2):
+        engine.step()
+    assert short.tokens and not long.tokens  # a first-come prefill would take 25 steps before it
+    run(engine, [long, short])
+    assert long.tokens == alone(model, prompt(400, 97), 2) and short.tokens == alone(model, prompt(5, 98), 2)
+
+
+def test_context_limit_close_and_abort(model):
+    from zamba2.serve.engine import ShuttingDown
+
+    engine = Engine(model, max_model_len=32)
+    with pytest.raises(ValueError, match=r"\(30 tokens\) \+ max_tokens \(3\) = 33 tokens .* context of 32"):
+        engine.submit(GenerationRequest(prompt(30, 99), max_tokens=3), Collect())
+    running, waiting = submit(engine, prompt(4, 100), 28), submit(engine, prompt(4, 101), 28)
+    engine.max_concurrency = 1
+    engine.step()
+    engine.close()
+    with pytest.raises(ShuttingDown):
+        submit(engine, prompt(4, 102), 2)
+    engine.step()
+    assert running.tokens and not running.done  # close() lets outstanding requests go on
+    engine.abort()
+    engine.step()
+    for sink in (running, waiting):
+        assert isinstance(sink.events[-1], Failure) and sink.events[-1].shutdown
+    assert engine.outstanding == 0 and engine.stats.failed == 0

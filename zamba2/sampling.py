@@ -204,7 +204,14 @@ def sample_next(
             )
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    # Scale the distances from each row's best logit, not the logits: with a tiny temperature (1e-40 is a
+    # valid one) logits / T overflows to inf and softmax gives NaN, while (l - max) / T is 0 for the best
+    # token and at worst -inf for the others. A penalty of ~0 can push a seen logit to +inf: clamp it finite
+    # first so that the row maximum minus itself is 0, not NaN. The temperature is kept >= the smallest normal
+    # fp32 number so that no denormal flushed to zero divides 0 by 0.
+    logits = logits.clamp(max=torch.finfo(logits.dtype).max)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    logits = logits / max(params.temperature, torch.finfo(logits.dtype).tiny)
     logits = top_k_filter(logits, params.top_k)
     logits = top_p_filter(logits, params.top_p)
     logits = min_p_filter(logits, params.min_p)

@@ -4,9 +4,10 @@ Requests go through three stages:
 
     waiting     submitted, beyond --max-concurrency; a bounded queue (submit raises QueueFull past it)
     prefilling  the prompt runs through the model into the request's own batch-1 cache, at most
-                `prefill_chunk` tokens per engine iteration in total, so a long prompt delays the others by
-                one chunk per step rather than by its whole length; starts from a prompt-cache snapshot when
-                one matches
+                `prefill_chunk` tokens per engine iteration in total, shared fairly between the prompts
+                being prefilled (`fair_shares`), so a short prompt behind a long one starts within a few
+                chunk-times; starts from a prompt-cache snapshot when one matches (a whole-prompt match with
+                saved logits skips the prefill)
     running     a row of the shared batch cache; every iteration one decode step feeds each row its last
                 token: model(tokens[:, None], past_key_values=batch, logits_to_keep=1)
 
@@ -17,88 +18,60 @@ sampling parameters, torch.Generator and penalty history; greedy rows without pe
 argmax.
 
 Results go back through a `sink` callable given at submit, called on the engine thread with Progress (a
-prefill chunk done), Output (new tokens/text; the last one has finish_reason) or Failure events. Text is
-decoded here, because stop strings end a sequence: text that could be the start of a stop string is held
-back until it is decided.
+prefill chunk done), Output (new tokens/text; the last one has finish_reason) or Failure events (requests.py).
+
+Failures are contained: whatever goes wrong for one request (its prefill, non-finite logits, sampling, text
+decoding, stop handling) ends that request alone with a Failure and frees its slot; the other rows of the batch
+go on with the same numbers. Only a failure of the batched decode step itself, which cannot be pinned on a row,
+fails every running request. At the end of each step the engine checks that every outstanding request is in
+one of its lists (`untracked` counts the ones that are not: a leaked slot) and `health()` reports it, with how
+long the current step has run, so that a wedge is visible in /health and /metrics.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from zamba2.cache import HybridCache
-from zamba2.sampling import SamplingParams, logprobs, sample_next
 from zamba2.serve import batch as batching
 from zamba2.serve.prompt_cache import PromptCache
-from zamba2.tokenizer import StreamDecoder, Tokenizer
+from zamba2.serve.requests import (  # noqa: F401  (re-exported: the engine's public types)
+    MAX_TOP_LOGPROBS,
+    Event,
+    Failure,
+    GenerationRequest,
+    Output,
+    Progress,
+    Sink,
+    Slot,
+    TokenLogprob,
+    fair_shares,
+    pick,
+)
+from zamba2.tokenizer import Tokenizer
 
 log = logging.getLogger("zamba2.serve")
 
 PREFILL_CHUNK = 256
-MAX_TOP_LOGPROBS = 20
 # Decode-time K/V headroom reserved when a batch is rebuilt; beyond it the cache grows by doubling.
 KV_HEADROOM = 512
+SHUTTING_DOWN = "server shutting down"
 
 
 class QueueFull(RuntimeError):
     """More requests than --max-concurrency + --max-queue are outstanding."""
 
 
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    max_tokens: int = 16
-    params: SamplingParams = field(default_factory=SamplingParams)
-    seed: int | None = None  # None: a random seed
-    stop: list[str] = field(default_factory=list)
-    logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the k most likely
-    ignore_eos: bool = False
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    text_offset: int  # characters of completion text before this token
-    top: list[tuple[int, float]]  # (id, logprob), best first
-
-
-@dataclass
-class Progress:
-    """A prefill chunk is done and the prompt is not finished yet."""
-
-    done: int
-    total: int
-
-
-@dataclass
-class Output:
-    """What one step produced for one request; the last Output has a finish_reason."""
-
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] | None
-    finish_reason: str | None  # None while running, then "stop" or "length"
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int  # prompt tokens whose state came from the prompt cache
-
-
-@dataclass
-class Failure:
-    message: str
-
-
-Event = Progress | Output | Failure
-Sink = Callable[[Event], None]
+class ShuttingDown(RuntimeError):
+    """The engine takes no new requests (the server is stopping)."""
 
 
 @dataclass
@@ -112,47 +85,7 @@ class EngineStats:
     finished: int = 0
     cancelled: int = 0
     rejected: int = 0
-
-
-def _partial_stop(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that is the beginning of some stop string (to hold back)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
-class _Sequence:
-    def __init__(self, rid: int, request: GenerationRequest, sink: Sink, tokenizer: Tokenizer | None,
-                 eos: frozenset[int], device: torch.device) -> None:  # fmt: skip
-        self.id = rid
-        self.request = request
-        self.sink = sink
-        self.tokens = list(request.prompt_ids)  # prompt, then generated ids
-        self.prompt_len = len(self.tokens)
-        seed = request.seed if request.seed is not None else random.SystemRandom().getrandbits(63)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        p = request.params
-        self.use_history = p.repetition_penalty != 1.0 or p.presence_penalty != 0 or p.frequency_penalty != 0
-        self.plain_greedy = p.greedy and not self.use_history
-        self.eos = frozenset() if request.ignore_eos else eos
-        self.decoder = StreamDecoder(tokenizer, skip_special_tokens=True) if tokenizer is not None else None
-        self.cache: HybridCache | None = None  # batch 1, while prefilling
-        self.prefilled = 0  # prompt tokens in self.cache
-        self.cached_tokens = 0
-        self.next_token = -1  # sampled, not yet fed to the model
-        self.generated = 0
-        self.text_len = 0  # characters decoded so far (emitted or held)
-        self.held = ""  # decoded text that may be the start of a stop string
-
-    def emit(self, event: Event) -> None:
-        try:
-            self.sink(event)
-        except Exception:  # a consumer that went away (closed event loop) must not stop the engine
-            log.debug("request %d: sink failed", self.id, exc_info=True)
+    failed: int = 0  # ended by an error (shutdown excluded)
 
 
 class Engine:
@@ -169,6 +102,7 @@ class Engine:
         prefill_chunk: int = PREFILL_CHUNK,
         prompt_cache_bytes: int = 0,
         eos_token_ids: Sequence[int] | None = None,
+        max_model_len: int | None = None,
     ) -> None:
         if max_concurrency < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError(
@@ -180,6 +114,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.device, self.dtype = model.device, model.dtype
         self.max_concurrency, self.max_queue, self.prefill_chunk = max_concurrency, max_queue, prefill_chunk
+        # prompt + max_tokens of one request: bounds each request's K/V (see the README's memory bound)
+        self.max_model_len = max_model_len or self.config.max_position_embeddings
         if eos_token_ids is None:
             eos = self.config.eos_token_id
             eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -191,22 +127,31 @@ class Engine:
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._incoming: deque[_Sequence] = deque()  # guarded by _lock
+        self._incoming: deque[Slot] = deque()  # guarded by _lock
         self._cancel: set[int] = set()  # guarded by _lock
         self._outstanding = 0  # submitted and not finished; guarded by _lock
         self._next_id = 0
         self._stopping = False
+        self._closed = False  # no new requests (shutdown has begun)
+        self._abort = False  # fail everything outstanding at the next step
         self._thread: threading.Thread | None = None
+        # Watchdog (read by health() from other threads): when the running step began (0: none), when the
+        # engine last made progress, and outstanding requests found in none of the lists after a step.
+        self._step_started = 0.0
+        self._progress_at = time.monotonic()
+        self.untracked = 0
         # Owned by the engine thread.
-        self._waiting: deque[_Sequence] = deque()
-        self._prefilling: list[_Sequence] = []
-        self._running: list[_Sequence] = []  # row i of self._batch
+        self._waiting: deque[Slot] = deque()
+        self._prefilling: list[Slot] = []
+        self._ready: list[Slot] = []  # prompt done (prefilled or a whole cache hit): first token at this step
+        self._running: list[Slot] = []  # row i of self._batch
         self._batch: HybridCache | None = None
         self._state_rows: batching.StateRows | None = None  # the batch's conv/SSM states, allocated at first join
 
     # ---- called from any thread -------------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: Sink) -> int:
-        """Queue a request; returns its id. Raises QueueFull past max_concurrency + max_queue outstanding."""
+        """Queue a request; returns its id. Raises ValueError for a request it cannot serve, QueueFull past
+        max_concurrency + max_queue outstanding, ShuttingDown after close()."""
         if not request.prompt_ids:
             raise ValueError("prompt_ids must hold at least one token")
         vocab = self.config.vocab_size
@@ -214,17 +159,27 @@ class Engine:
             raise ValueError(f"prompt_ids must be token ids in [0, {vocab})")
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        total = len(request.prompt_ids) + request.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"the prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) = {total} "
+                f"tokens is more than the context of {self.max_model_len} tokens"
+            )
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {request.logprobs}")
         request.params.validate()
         with self._lock:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down")
             if self._outstanding >= self.max_concurrency + self.max_queue:
                 self.stats.rejected += 1
                 raise QueueFull(f"{self._outstanding} requests outstanding")
+            if self._outstanding == 0:
+                self._progress_at = time.monotonic()  # an idle engine has not been stalling
             self._outstanding += 1
             rid = self._next_id
             self._next_id += 1
-            self._incoming.append(_Sequence(rid, request, sink, self.tokenizer, self.eos, self.device))
+            self._incoming.append(Slot(rid, request, sink, self.tokenizer, self.eos, self.device))
             self._wake.notify()
         return rid
 
@@ -234,17 +189,41 @@ class Engine:
             self._cancel.add(rid)
             self._wake.notify()
 
+    def close(self) -> None:
+        """Take no new requests (submit raises ShuttingDown); the outstanding ones go on."""
+        with self._lock:
+            self._closed = True
+
+    def abort(self) -> None:
+        """End every outstanding request with Failure(shutdown=True) at the next step (the grace period of a
+        shutdown is over)."""
+        with self._lock:
+            self._closed = self._abort = True
+            self._wake.notify()
+
     @property
     def queue_depth(self) -> int:
         return len(self._incoming) + len(self._waiting)
 
     @property
     def active(self) -> int:
-        return len(self._prefilling) + len(self._running)
+        return len(self._prefilling) + len(self._ready) + len(self._running)
 
     @property
     def outstanding(self) -> int:
         return self._outstanding
+
+    def health(self) -> dict[str, Any]:
+        """Outstanding work and the watchdog's view: `stalled_s` is how long the engine has gone without
+        finishing a step while requests were outstanding; `untracked` > 0 means leaked slots."""
+        now = time.monotonic()
+        started, outstanding = self._step_started, self._outstanding
+        stalled = now - started if started else (now - self._progress_at if outstanding else 0.0)
+        return {
+            "outstanding": outstanding, "active": self.active, "queued": self.queue_depth,
+            "untracked": self.untracked, "alive": self._thread is None or self._thread.is_alive(),
+            "stalled_s": round(stalled, 3),
+        }  # fmt: skip
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="zamba2-engine", daemon=True)
@@ -252,7 +231,7 @@ class Engine:
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._lock:
-            self._stopping = True
+            self._stopping = self._closed = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -261,187 +240,250 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._stopping or self._incoming or self._cancel or self._waiting or self.active):
+                while not (self._stopping or self._abort or self._incoming or self._cancel or self._waiting
+                           or self.active):  # fmt: skip
                     self._wake.wait()
                 if self._stopping:
                     break
-            try:
-                self.step()
-            except Exception as exc:  # keep serving: fail what was in flight, drop the batch
-                log.exception("engine step failed")
-                self._fail_active(f"{type(exc).__name__}: {exc}")
-        self._fail_active("server shutting down")
-        for seq in self._waiting:
-            seq.emit(Failure("server shutting down"))
+            self.step()
+        with self._lock:
+            self._waiting.extend(self._incoming)
+            self._incoming.clear()
+        self._fail_all(SHUTTING_DOWN, shutdown=True)
 
     @torch.inference_mode()
     def step(self) -> bool:
-        """One iteration: take new requests and cancellations, admit, one prefill chunk budget, one decode
-        step. Returns whether there was anything to do."""
+        """One iteration: take new requests and cancellations, admit, one prefill chunk budget, first tokens
+        and joins, one decode step. Returns whether there was anything to do. Never raises: a failure is
+        logged and ends the requests it concerns."""
         with self._lock:
             self._waiting.extend(self._incoming)
             self._incoming.clear()
             cancelled, self._cancel = self._cancel, set()
-        if cancelled:
-            self._apply_cancellations(cancelled)
-        while self._waiting and self.active < self.max_concurrency:
-            self._admit(self._waiting.popleft())
-        worked = bool(self._prefilling or self._running)
-        if self._prefilling:
-            self._prefill_step()
-        if self._running:
-            self._decode_step()
-        elif self.stats.decode_tokens_per_s:
-            self.stats.decode_tokens_per_s = 0.0
+            abort, self._abort = self._abort, False
+        self._step_started = time.monotonic()
+        worked = False
+        try:
+            if abort:
+                self._fail_all(SHUTTING_DOWN, shutdown=True)
+            if cancelled:
+                self._apply_cancellations(cancelled)
+            while self._waiting and self.active < self.max_concurrency:
+                self._admit(self._waiting.popleft())
+            worked = bool(self._prefilling or self._ready or self._running)
+            if self._prefilling:
+                self._prefill_step()
+            if self._ready:
+                self._join_ready()
+            if self._running:
+                self._decode_step()
+            elif self.stats.decode_tokens_per_s:
+                self.stats.decode_tokens_per_s = 0.0
+        except Exception:  # not pinned on one request: fail what was in flight, drop the batch, keep serving
+            log.exception("engine step failed; failing the %d requests in flight", self.active)
+            self._fail_in_flight("engine step failed (see the server log)")
+        finally:
+            self._progress_at = time.monotonic()
+            self._step_started = 0.0
+            self._check_slots()
         return worked
 
-    def _release(self, seq: _Sequence) -> None:
+    def _check_slots(self) -> None:
+        """The invariant behind --max-concurrency/--max-queue: every outstanding request is in one list."""
+        with self._lock:
+            held = len(self._incoming) + len(self._waiting) + self.active
+            untracked = self._outstanding - held
+        if untracked != self.untracked and untracked:
+            log.error("%d outstanding requests are in no engine list (leaked slots)", untracked)
+        self.untracked = untracked
+
+    def _release(self, seq: Slot) -> None:
+        seq.cache = seq.ready_logits = None
         with self._lock:
             self._outstanding -= 1
+
+    def _finish(self, seq: Slot) -> None:
         self.stats.finished += 1
+        self._release(seq)
+
+    def _fail(self, seq: Slot, message: str, shutdown: bool = False) -> None:
+        """End one request with a Failure (the caller has taken it out of its list)."""
+        if not shutdown:
+            self.stats.failed += 1
+            log.error("request %d failed: %s", seq.id, message)
+        seq.emit(Failure(message, shutdown=shutdown))
+        self._release(seq)
+
+    def _fail_in_flight(self, message: str, shutdown: bool = False) -> None:
+        for seq in self._prefilling + self._ready + self._running:
+            self._fail(seq, message, shutdown)
+        self._prefilling, self._ready, self._running, self._batch = [], [], [], None
+
+    def _fail_all(self, message: str, shutdown: bool = False) -> None:
+        waiting, self._waiting = list(self._waiting), deque()
+        for seq in waiting:
+            self._fail(seq, message, shutdown)
+        self._fail_in_flight(message, shutdown)
 
     def _apply_cancellations(self, ids: set[int]) -> None:
-        for group in (self._waiting, self._prefilling):
+        for group in (self._waiting, self._prefilling, self._ready):
             for seq in [s for s in group if s.id in ids]:
                 group.remove(seq)
-                seq.cache = None
                 self.stats.cancelled += 1
                 self._release(seq)
         rows = [i for i, s in enumerate(self._running) if s.id in ids]
         if rows:
             self.stats.cancelled += len(rows)
-            self._leave(rows, snapshot=False)
+            self._leave([], {i: "" for i in rows})
 
-    def _fail_active(self, message: str) -> None:
-        for seq in self._prefilling + self._running:
-            seq.emit(Failure(message))
-            self._release(seq)
-        self._prefilling, self._running, self._batch = [], [], None
-
-    def _admit(self, seq: _Sequence) -> None:
-        snap = self.prompt_cache.lookup(seq.tokens) if self.prompt_cache is not None else None
-        if snap is not None:
-            seq.cache = batching.resume(snap.cache, seq.prompt_len)
-            seq.prefilled = seq.cached_tokens = len(snap.tokens)
-        else:
-            seq.cache = HybridCache(self.config, 1, seq.prompt_len, dtype=self.dtype, device=self.device)
+    def _admit(self, seq: Slot) -> None:
+        try:
+            snap = self.prompt_cache.lookup(seq.tokens) if self.prompt_cache is not None else None
+            if snap is not None and len(snap.tokens) == seq.prompt_len:  # the whole prompt: no prefill
+                seq.cache, seq.ready_logits = snap.cache, snap.logits  # read only: joining copies it
+                seq.prefilled = seq.cached_tokens = seq.prompt_len
+                self._ready.append(seq)
+                return
+            if snap is not None:
+                seq.cache = batching.resume(snap.cache, seq.prompt_len)
+                seq.prefilled = seq.cached_tokens = len(snap.tokens)
+            else:
+                seq.cache = HybridCache(self.config, 1, seq.prompt_len, dtype=self.dtype, device=self.device)
+        except Exception as exc:
+            log.exception("request %d: admission failed", seq.id)
+            self._fail(seq, f"admission failed: {type(exc).__name__}: {exc}")
+            return
         self._prefilling.append(seq)
 
     def _prefill_step(self) -> None:
-        budget = self.prefill_chunk
-        joined: list[tuple[_Sequence, HybridCache]] = []
-        for seq in list(self._prefilling):
-            if budget <= 0:
-                break
-            n = min(budget, seq.prompt_len - seq.prefilled)
-            ids = torch.tensor([seq.tokens[seq.prefilled : seq.prefilled + n]], device=self.device)
-            logits = self.model(ids, past_key_values=seq.cache, logits_to_keep=1).logits[:, -1]  # (1, V)
-            seq.prefilled += n
-            budget -= n
-            self.stats.prompt_tokens += n
-            if seq.prefilled < seq.prompt_len:
-                seq.emit(Progress(seq.prefilled, seq.prompt_len))
+        seqs = list(self._prefilling)
+        shares = fair_shares([s.remaining_prompt for s in seqs], self.prefill_chunk)
+        for seq, n in sorted(zip(seqs, shares, strict=True), key=lambda x: x[0].remaining_prompt):
+            if n == 0:
+                continue
+            try:
+                ids = torch.tensor([seq.tokens[seq.prefilled : seq.prefilled + n]], device=self.device)
+                logits = self.model(ids, past_key_values=seq.cache, logits_to_keep=1).logits[:, -1]  # (1, V)
+                seq.prefilled += n
+                self.stats.prompt_tokens += n
+                if seq.prefilled < seq.prompt_len:
+                    seq.emit(Progress(seq.prefilled, seq.prompt_len))
+                    continue
+                seq.cache, seq.ready_logits = batching.trimmed(seq.cache), logits[0]
+                if self.prompt_cache is not None:  # sized to the prompt: stored as is, never written again
+                    self.prompt_cache.put(seq.tokens, seq.cache, logits=seq.ready_logits)
+            except Exception as exc:
+                log.exception("request %d: prefill failed", seq.id)
+                self._prefilling.remove(seq)
+                self._fail(seq, f"prefill failed: {type(exc).__name__}: {exc}")
                 continue
             self._prefilling.remove(seq)
-            cache, seq.cache = seq.cache, None
-            if self.prompt_cache is not None:  # sized to the prompt: stored as is, never written again
-                self.prompt_cache.put(seq.tokens, batching.trimmed(cache))
-            if self._advance(seq, self._pick([seq], logits)[0], logits[0]):
-                self._release(seq)
+            self._ready.append(seq)
+
+    def _join_ready(self) -> None:
+        """Sample the first token of each finished prompt; the ones that go on join the batch."""
+        ready, self._ready = self._ready, []
+        joined: list[Slot] = []
+        for seq in ready:
+            assert seq.ready_logits is not None
+            error, done = self._first_token(seq, seq.ready_logits)
+            if error is not None:
+                self._fail(seq, error)
+            elif done:
+                self._finish(seq)
             else:
-                joined.append((seq, cache))
-        if joined:
-            seqs = self._running + [s for s, _ in joined]
-            longest = max([c.seq_len for _, c in joined] + [self._batch.seq_len if self._batch else 0])
-            left = max(s.request.max_tokens - s.generated for s in seqs)
+                joined.append(seq)
+        if not joined:
+            return
+        seqs = self._running + joined
+        longest = max([s.cache.seq_len for s in joined] + [self._batch.seq_len if self._batch else 0])
+        left = max(s.request.max_tokens - s.generated for s in seqs)
+        try:
             if self._state_rows is None:
                 self._state_rows = batching.StateRows(self.config, self.max_concurrency, self.dtype, self.device)
             self._batch = batching.insert_rows(
-                self._batch, [c for _, c in joined], capacity=longest + min(left, KV_HEADROOM), pool=self._state_rows
-            )
-            self._running = seqs
+                self._batch, [s.cache for s in joined], capacity=longest + min(left, KV_HEADROOM),
+                pool=self._state_rows,
+            )  # fmt: skip
+        except Exception as exc:  # the running batch is unchanged: only the joining requests fail
+            log.exception("joining %d requests to the batch failed", len(joined))
+            for seq in joined:
+                self._fail(seq, f"joining the batch failed: {type(exc).__name__}: {exc}")
+            return
+        for seq in joined:
+            seq.cache = seq.ready_logits = None
+        self._running = seqs
+
+    def _first_token(self, seq: Slot, logits: torch.Tensor) -> tuple[str | None, bool]:
+        """Sample and record the first token from the prompt's last logits (V,): (error message, finished)."""
+        if not bool(torch.isfinite(logits).all()):
+            return "the model's logits are not finite (NaN or inf) at the end of the prompt", False
+        picked = pick([seq], logits[None])[0]
+        if isinstance(picked, Exception):
+            return f"sampling failed: {type(picked).__name__}: {picked}", False
+        try:
+            done = seq.advance(picked, logits)
+        except Exception as exc:
+            log.exception("request %d: output failed", seq.id)
+            return f"output failed: {type(exc).__name__}: {exc}", False
+        self.stats.generated_tokens += 1
+        return None, done
 
     def _decode_step(self) -> None:
         start = time.perf_counter()
         tokens = torch.tensor([s.next_token for s in self._running], device=self.device)
-        logits = self.model(tokens[:, None], past_key_values=self._batch, logits_to_keep=1).logits[:, -1]
-        picked = self._pick(self._running, logits)
-        done = [i for i, seq in enumerate(self._running) if self._advance(seq, picked[i], logits[i])]
+        try:
+            logits = self.model(tokens[:, None], past_key_values=self._batch, logits_to_keep=1).logits[:, -1]
+        except Exception:  # the batched step cannot say which row broke it
+            log.exception("decode step failed; failing the %d running requests", len(self._running))
+            for seq in self._running:
+                self._fail(seq, "decode step failed (see the server log)")
+            self._running, self._batch = [], None
+            return
+        finite = torch.isfinite(logits).all(-1).tolist()  # (B,) one row's NaN stays in that row
+        picked = pick(self._running, logits)
+        finished: list[int] = []
+        failed: dict[int, str] = {}
+        for i, seq in enumerate(self._running):
+            token = picked[i]
+            if not finite[i]:
+                failed[i] = "the model's logits are not finite (NaN or inf)"
+            elif isinstance(token, Exception):
+                failed[i] = f"sampling failed: {type(token).__name__}: {token}"
+            else:
+                try:
+                    if seq.advance(token, logits[i]):
+                        finished.append(i)
+                    self.stats.generated_tokens += 1
+                except Exception as exc:
+                    log.exception("request %d: output failed", seq.id)
+                    failed[i] = f"output failed: {type(exc).__name__}: {exc}"
         rate = len(self._running) / max(time.perf_counter() - start, 1e-9)
         s = self.stats
         s.decode_steps += 1
         s.decode_tokens_per_s = rate if s.decode_tokens_per_s == 0 else 0.8 * s.decode_tokens_per_s + 0.2 * rate
-        if done:
-            self._leave(done, snapshot=True)
+        if finished or failed:
+            self._leave(finished, failed, logits)
 
-    def _leave(self, rows: list[int], snapshot: bool) -> None:
-        """Rows `rows` of the batch are done: snapshot their state (prompt cache), release, drop the rows."""
-        for i in rows:
+    def _leave(self, finished: list[int], failed: dict[int, str], logits: torch.Tensor | None = None) -> None:
+        """Rows `finished` are done (snapshot their state for the prompt cache), rows in `failed` end with
+        their message ("" for a cancellation: released quietly); all of them leave the batch."""
+        for i in finished:
             seq = self._running[i]
-            if snapshot and self.prompt_cache is not None:
-                # The last sampled token was never fed: the row holds the state after tokens[:-1].
-                snap = batching.extract_row(self._batch, i)
-                if snap.seq_len == len(seq.tokens) - 1:
-                    self.prompt_cache.put(seq.tokens[:-1], snap)
-            self._release(seq)
-        gone = set(rows)
+            if self.prompt_cache is not None and logits is not None:
+                try:  # the last sampled token was never fed: the row holds the state after tokens[:-1]
+                    snap = batching.extract_row(self._batch, i)
+                    if snap.seq_len == len(seq.tokens) - 1:
+                        self.prompt_cache.put(seq.tokens[:-1], snap, logits=logits[i].clone())
+                except Exception:  # only the snapshot is lost
+                    log.exception("request %d: prompt-cache snapshot failed", seq.id)
+            self._finish(seq)
+        for i, message in failed.items():
+            if message:
+                self._fail(self._running[i], message)
+            else:
+                self._release(self._running[i])
+        gone = set(finished) | set(failed)
         keep = [i for i in range(len(self._running)) if i not in gone]
         self._batch = batching.drop_rows(self._batch, keep, pool=self._state_rows)
         self._running = [self._running[i] for i in keep]
-
-    # ---- sampling and output ----------------------------------------------------------------------
-    def _pick(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
-        """One token per row of logits (B, V), each sequence with its own parameters and generator."""
-        out = [0] * len(seqs)
-        plain = [i for i, s in enumerate(seqs) if s.plain_greedy]
-        if plain:
-            if len(plain) == len(seqs):
-                out = logits.float().argmax(-1).tolist()
-            else:
-                rows = torch.tensor(plain, device=logits.device)
-                for i, t in zip(plain, logits.index_select(0, rows).float().argmax(-1).tolist(), strict=True):
-                    out[i] = t
-        for i, seq in enumerate(seqs):
-            if seq.plain_greedy:
-                continue
-            prev = torch.tensor([seq.tokens], device=logits.device) if seq.use_history else None
-            out[i] = int(sample_next(logits[i : i + 1], seq.request.params, seq.generator, prev)[0])
-        return out
-
-    def _advance(self, seq: _Sequence, token: int, logits: torch.Tensor) -> bool:
-        """Record a sampled token for `seq`, emit its Output; return whether the sequence is finished."""
-        req = seq.request
-        lp = None
-        if req.logprobs is not None:
-            row = logprobs(logits[None])[0]  # (V,) fp32, before penalties and temperature
-            top: list[tuple[int, float]] = []
-            if req.logprobs > 0:
-                values, ids = torch.topk(row, req.logprobs)
-                top = list(zip(ids.tolist(), values.tolist(), strict=True))
-            lp = [TokenLogprob(token, float(row[token]), seq.text_len, top)]
-        seq.tokens.append(token)
-        seq.generated += 1
-        seq.next_token = token
-        self.stats.generated_tokens += 1
-        finish = None
-        new = ""
-        if token in seq.eos:
-            finish = "stop"
-        elif seq.decoder is not None:
-            new = seq.decoder.push(token)
-        if finish is None and seq.generated >= req.max_tokens:
-            finish = "length"
-        if finish is not None and seq.decoder is not None:
-            new += seq.decoder.flush()
-        seq.text_len += len(new)
-        text, seq.held = seq.held + new, ""
-        if req.stop:
-            cuts = [i for i in (text.find(s) for s in req.stop) if i >= 0]
-            if cuts:
-                text, finish = text[: min(cuts)], "stop"
-            elif finish is None:
-                hold = _partial_stop(text, req.stop)
-                if hold:
-                    text, seq.held = text[:-hold], text[-hold:]
-        seq.emit(Output(text, [token], lp, finish, seq.prompt_len, seq.generated, seq.cached_tokens))
-        return finish is not None

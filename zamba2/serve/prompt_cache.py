@@ -2,8 +2,9 @@
 
 A hybrid model cannot rewind: the SSM state after tokens t_1..t_n mixes all of them, so a snapshot can only
 serve a prompt that starts with exactly t_1..t_n. `lookup` returns the longest such snapshot that is a strict
-prefix (at least one token is left to prefill, whose logits give the first new token). In a multi-turn chat the
-previous turn's prompt, and its prompt + answer, are prefixes of the next turn's prompt.
+prefix (at least one token is left to prefill, whose logits give the first new token), or the whole prompt
+when the snapshot kept the logits after its last token (an identical prompt sent again needs no prefill at all).
+In a multi-turn chat the previous turn's prompt, and its prompt + answer, are prefixes of the next turn's prompt.
 
 Snapshots are looked up by hashing the new prompt's prefix at each length some snapshot has, so a lookup costs
 one slice-and-hash per distinct stored length. The size bound counts tensor bytes (`HybridCache.memory_bytes`).
@@ -14,6 +15,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import torch
+
 from zamba2.cache import HybridCache
 
 
@@ -22,6 +25,7 @@ class Snapshot:
     tokens: tuple[int, ...]  # the token ids whose state this is
     cache: HybridCache  # batch 1, seq_len == len(tokens), never written after it is stored
     nbytes: int
+    logits: torch.Tensor | None = None  # (V,) the model's logits after the last token, when kept
 
 
 class PromptCache:
@@ -40,13 +44,14 @@ class PromptCache:
         return len(self._entries)
 
     def lookup(self, prompt: list[int] | tuple[int, ...]) -> Snapshot | None:
-        """The longest stored snapshot whose tokens are a strict prefix of `prompt`; counts a hit or a miss."""
+        """The longest stored snapshot whose tokens are a strict prefix of `prompt`, or all of it when the
+        snapshot has its logits; counts a hit or a miss."""
         prompt = tuple(prompt)
         for n in sorted(self._lengths, reverse=True):
-            if n >= len(prompt):
+            if n > len(prompt):
                 continue
             snap = self._entries.get(prompt[:n])
-            if snap is not None:
+            if snap is not None and (n < len(prompt) or snap.logits is not None):
                 self._entries.move_to_end(snap.tokens)
                 self.hits += 1
                 self.hit_tokens += n
@@ -54,22 +59,22 @@ class PromptCache:
         self.misses += 1
         return None
 
-    def put(self, tokens: list[int] | tuple[int, ...], cache: HybridCache) -> bool:
-        """Store a snapshot (the cache is kept, not copied); evicts least recently used ones to fit."""
+    def put(self, tokens: list[int] | tuple[int, ...], cache: HybridCache, logits: torch.Tensor | None = None) -> bool:
+        """Store a snapshot (the cache and logits are kept, not copied); evicts least recently used ones to fit."""
         tokens = tuple(tokens)
         if cache.batch_size != 1 or cache.seq_len != len(tokens) or not tokens:
             raise ValueError(
                 f"a snapshot must be a batch-1 cache of exactly its tokens: batch {cache.batch_size}, "
                 f"seq_len {cache.seq_len}, {len(tokens)} tokens"
             )
-        nbytes = cache.memory_bytes()
+        nbytes = cache.memory_bytes() + (logits.numel() * logits.element_size() if logits is not None else 0)
         if nbytes > self.capacity_bytes:
             return False
         if tokens in self._entries:
             self._remove(tokens)
         while self.bytes + nbytes > self.capacity_bytes:
             self._remove(next(iter(self._entries)))
-        self._entries[tokens] = Snapshot(tokens, cache, nbytes)
+        self._entries[tokens] = Snapshot(tokens, cache, nbytes, logits)
         self._lengths[len(tokens)] = self._lengths.get(len(tokens), 0) + 1
         self.bytes += nbytes
         return True
