@@ -27,7 +27,12 @@ from __future__ import annotations
 
 import torch
 
+from zamba2.ops.ssd_grad import ssd_chunked_autograd
 from zamba2.packing import document_spans
+
+# With autograd, `ssd_chunked` runs as one autograd function (ops/ssd_grad.py: keeps the inputs and a few states,
+# recomputes the rest in backward). Tests turn this off to compare with autograd through the plain loop.
+FUSED_BACKWARD = True
 
 
 def _causal(Q: int, device: torch.device) -> torch.Tensor:
@@ -56,6 +61,9 @@ def ssd_chunked(
     document (the old state is decayed to zero when a document starts in the chunk). The returned state is then
     the last document's.
     """
+    tensors = (x, dt, A, B, C, D, initial_state)
+    if FUSED_BACKWARD and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return ssd_chunked_autograd(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx)
     b, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     R = H // G  # heads per group
