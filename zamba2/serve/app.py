@@ -1,7 +1,8 @@
 """`zamba2 serve`: an OpenAI-compatible HTTP server in front of the batching engine.
 
     POST /v1/chat/completions   messages rendered with the tokenizer's chat template
-    POST /v1/completions        one prompt: a string or token ids
+    POST /v1/completions        a prompt (string or token ids) or a list of them: one choice each; `echo`
+    GET  /tokenizer_info        the tokenizer's special tokens, chat template, length (lm_eval's remote tokenizer)
     GET  /v1/models             the served model name
     GET  /health                200 when ready, 503 while the model loads (never needs the API key)
     GET  /metrics               Prometheus text
@@ -48,6 +49,7 @@ from zamba2.serve.protocol import (
     SamplingFields,
     TokenizeRequest,
     TokenTexts,
+    echo_of,
     parse_body,
 )
 from zamba2.tokenizer import Tokenizer
@@ -57,18 +59,19 @@ log = logging.getLogger("zamba2.serve")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the limit
 KEEP_ALIVE = ": keep-alive\n\n"
 ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
-             "/detokenize"}  # fmt: skip
+             "/detokenize", "/tokenizer_info"}  # fmt: skip
 
 
 class _Channel:
-    """Engine thread -> event loop: each event is put on an asyncio.Queue from the loop's own thread."""
+    """Engine thread -> event loop: each event is put on an asyncio.Queue from the loop's own thread, as
+    (choice index, event); `sink(i)` is the engine sink of choice i."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
 
-    def __call__(self, event) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+    def sink(self, index: int) -> Callable[[Any], None]:
+        return lambda event: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -175,7 +178,7 @@ class Server:
                            param="n", code="unsupported_value")  # fmt: skip
         limit = self.args.max_tokens_limit
         field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        max_tokens = getattr(body, field) or default_max
+        max_tokens = default_max if getattr(body, field) is None else getattr(body, field)
         if max_tokens > limit:
             raise APIError(400, f"{field}: {max_tokens} is more than this server allows ({limit})",
                            param=field, code="invalid_value")  # fmt: skip
@@ -193,72 +196,80 @@ class Server:
         return GenerationRequest(ids, max_tokens, params, seed=body.seed, stop=body.stop, logprobs=logprobs,
                                  ignore_eos=bool(body.ignore_eos))  # fmt: skip
 
-    async def respond(self, request: Request, kind: str, body: SamplingFields, gen: GenerationRequest,
-                      received: float) -> Response:  # fmt: skip
+    async def respond(self, request: Request, kind: str, body: SamplingFields, gens: list[GenerationRequest],
+                      builder: ResponseBuilder, received: float) -> Response:  # fmt: skip
+        """Submit one request per choice and answer with them all (a stream, or one JSON response)."""
         engine = self.engine
         assert engine is not None and self.texts is not None
         channel = _Channel(asyncio.get_running_loop())
+        rids: list[int] = []
         try:
-            rid = engine.submit(gen, channel)
+            for i, gen in enumerate(gens):
+                rids.append(engine.submit(gen, channel.sink(i)))
         except QueueFull:
+            self._cancel(rids)
             raise APIError(429, "the server is at capacity (--max-queue); retry shortly", type="rate_limit_exceeded",
                            code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None  # fmt: skip
         except ValueError as exc:
+            self._cancel(rids)
             raise APIError(400, str(exc), param="messages" if kind == "chat" else "prompt") from None
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        builder = ResponseBuilder(kind, body.model, self.texts, gen.logprobs, include_usage)  # type: ignore[arg-type]
         if body.stream:
             return StreamingResponse(
-                self._stream(channel, rid, builder, received), media_type="text/event-stream",
+                self._stream(channel, rids, builder, received), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                background=BackgroundTask(engine.cancel, rid),  # also when the stream never started
+                background=BackgroundTask(self._cancel, rids),  # also when the stream never started
             )  # fmt: skip
-        return await self._collect(request, channel, rid, builder, received)
+        return await self._collect(request, channel, rids, builder, received)
+
+    def _cancel(self, rids: list[int]) -> None:
+        assert self.engine is not None
+        for rid in rids:
+            self.engine.cancel(rid)
 
     def _finished(self, last: Output) -> None:
         self.metrics.prompt_tokens.inc(last.prompt_tokens)
         self.metrics.generation_tokens.inc(last.completion_tokens)
 
-    async def _collect(self, request: Request, channel: _Channel, rid: int, builder: ResponseBuilder,
+    async def _collect(self, request: Request, channel: _Channel, rids: list[int], builder: ResponseBuilder,
                        received: float) -> Response:  # fmt: skip
-        engine = self.engine
-        assert engine is not None
         gone = asyncio.ensure_future(_wait_for_disconnect(request))
-        outputs: list[Output] = []
+        outputs: list[list[Output]] = [[] for _ in rids]
+        pending = len(rids)
         try:
-            while True:
+            while pending:
                 get = asyncio.ensure_future(channel.queue.get())
                 await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if not get.done():
                     get.cancel()
-                    engine.cancel(rid)
+                    self._cancel(rids)
                     return Response(status_code=499)  # nobody reads it: the client closed the connection
-                event = get.result()
+                index, event = get.result()
                 if isinstance(event, Failure):
+                    self._cancel(rids)
                     raise APIError(500, event.message, type="server_error")
                 if isinstance(event, Output):
-                    if not outputs:
+                    if not any(outputs):
                         self.metrics.ttft.observe(time.monotonic() - received)
-                    outputs.append(event)
+                    outputs[index].append(event)
                     if event.finish_reason is not None:
-                        break
+                        pending -= 1
         finally:
             gone.cancel()
-        self._finished(outputs[-1])
+        for outs in outputs:
+            self._finished(outs[-1])
         return JSONResponse(builder.whole(outputs))
 
-    async def _stream(self, channel: _Channel, rid: int, builder: ResponseBuilder,
+    async def _stream(self, channel: _Channel, rids: list[int], builder: ResponseBuilder,
                       received: float) -> AsyncIterator[str]:  # fmt: skip
-        engine = self.engine
-        assert engine is not None
         complete = False
-        first = True
+        started = [False] * len(rids)
+        lasts: list[Output | None] = [None] * len(rids)
         try:
             if builder.kind == "chat":
                 yield _sse(builder.chunk("", None, None, role=True))
-            while True:
+            while not all(lasts):
                 try:
-                    event = await asyncio.wait_for(channel.queue.get(), self.args.keep_alive)
+                    index, event = await asyncio.wait_for(channel.queue.get(), self.args.keep_alive)
                 except asyncio.TimeoutError:
                     yield KEEP_ALIVE
                     continue
@@ -268,22 +279,26 @@ class Server:
                 if isinstance(event, Failure):
                     yield _sse(APIError(500, event.message, type="server_error").body())
                     break
-                if first:
+                if not any(started):
                     self.metrics.ttft.observe(time.monotonic() - received)
-                    first = False
+                if not started[index]:
+                    started[index] = True
+                    if builder.echoes[index] is not None:
+                        yield _sse(builder.echo_chunk(index, event))
                 if event.text or (event.logprobs and builder.top_logprobs is not None):
-                    yield _sse(builder.chunk(event.text, event.logprobs, None))
+                    yield _sse(builder.chunk(event.text, event.logprobs, None, index=index))
                 if event.finish_reason is not None:
-                    yield _sse(builder.chunk("", None, event.finish_reason))
-                    if builder.include_usage:
-                        yield _sse(builder.usage_chunk(event))
+                    yield _sse(builder.chunk("", None, event.finish_reason, index=index))
                     self._finished(event)
-                    break
+                    lasts[index] = event
+            else:
+                if builder.include_usage:
+                    yield _sse(builder.usage_chunk(lasts))  # type: ignore[arg-type]
             yield "data: [DONE]\n\n"
             complete = True
         finally:
             if not complete:  # client gone (the response task was cancelled) or error
-                engine.cancel(rid)
+                self._cancel(rids)
 
 
 def create_app(args: argparse.Namespace) -> FastAPI:
@@ -361,26 +376,54 @@ def create_app(args: argparse.Namespace) -> FastAPI:
             raise APIError(400, str(exc), param="messages", code="invalid_value") from None
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         gen = server.generation_request(body, ids, logprobs, default_max=args.max_tokens_limit)  # type: ignore[arg-type]
-        return await server.respond(request, "chat", body, gen, received)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        builder = ResponseBuilder("chat", body.model, server.texts, logprobs, include_usage)  # type: ignore[arg-type]
+        return await server.respond(request, "chat", body, [gen], builder, received)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request) -> Response:
         received = time.monotonic()
         body: CompletionRequest = parse_body(await request.body(), CompletionRequest)
         engine, tokenizer = server.require(body.model)
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-            if len(prompt) != 1:
-                raise APIError(400, f"{len(prompt)} prompts: send one prompt per request", param="prompt",
-                               code="unsupported_value")  # fmt: skip
-            prompt = prompt[0]
-        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
+        prompts = body.prompts()
+        most = args.max_concurrency + args.max_queue
+        if len(prompts) > most:
+            raise APIError(400, f"{len(prompts)} prompts: this server takes at most {most} per request "
+                           "(--max-concurrency + --max-queue)", param="prompt", code="invalid_value")  # fmt: skip
         vocab = engine.config.vocab_size
-        if not ids or any(not 0 <= t < vocab for t in ids):
-            raise APIError(400, f"prompt must be text or a non-empty list of token ids in [0, {vocab})",
-                           param="prompt", code="invalid_value")  # fmt: skip
-        gen = server.generation_request(body, ids, body.logprobs, default_max=COMPLETION_DEFAULT_MAX_TOKENS)
-        return await server.respond(request, "text", body, gen, received)
+        gens, echoes = [], []
+        for i, prompt in enumerate(prompts):
+            # text gets the tokenizer's bos; token ids are scored and continued exactly as sent
+            ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            if not ids or any(not 0 <= t < vocab for t in ids):
+                where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+                raise APIError(400, f"{where} must be text or a non-empty list of token ids in [0, {vocab})",
+                               param=where, code="invalid_value")  # fmt: skip
+            gen = server.generation_request(body, ids, body.logprobs, default_max=COMPLETION_DEFAULT_MAX_TOKENS)
+            gen.continue_text = True
+            if body.echo:
+                # with logprobs the prompt is scored too; max_tokens 0 alone scores it (and asks for nothing else)
+                gen.prompt_logprobs = body.logprobs if body.logprobs is not None else 0 if gen.max_tokens == 0 else None
+            elif gen.max_tokens == 0:
+                raise APIError(400, "max_tokens: 0 is only allowed with echo (scoring the prompt)",
+                               param="max_tokens", code="invalid_value")  # fmt: skip
+            gens.append(gen)
+            echoes.append(echo_of(tokenizer, ids, prompt if isinstance(prompt, str) else None) if body.echo else None)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        builder = ResponseBuilder("text", body.model, server.texts, body.logprobs, include_usage, echoes)  # type: ignore[arg-type]
+        return await server.respond(request, "text", body, gens, builder, received)
+
+    @app.get("/tokenizer_info", dependencies=auth)
+    async def tokenizer_info() -> dict[str, Any]:
+        """What a client needs to tokenise as this server does (vLLM's endpoint; lm_eval's remote tokenizer)."""
+        engine, tokenizer = server.require(None)
+        return {
+            "tokenizer_class": "zamba2.Tokenizer", "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+            "unk_token": tokenizer.unk_token, "pad_token": tokenizer.pad_token,
+            "add_bos_token": tokenizer.add_bos_token, "add_eos_token": tokenizer.add_eos_token,
+            "chat_template": tokenizer.chat_template, "model_max_length": engine.config.max_position_embeddings,
+            "vocab_size": engine.config.vocab_size,
+        }  # fmt: skip
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(request: Request) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from zamba2.cache import HybridCache
+from zamba2.eval.scoring import score_chunk
 from zamba2.serve import batch as batching
 from zamba2.serve.prompt_cache import PromptCache
 from zamba2.serve.requests import (  # noqa: F401  (re-exported: the engine's public types)
@@ -157,16 +158,19 @@ class Engine:
         vocab = self.config.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_ids):
             raise ValueError(f"prompt_ids must be token ids in [0, {vocab})")
-        if request.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        least = 0 if request.prompt_logprobs is not None else 1  # a scored prompt needs no new token
+        if request.max_tokens < least:
+            raise ValueError(f"max_tokens must be >= {least}, got {request.max_tokens}")
         total = len(request.prompt_ids) + request.max_tokens
         if total > self.max_model_len:
             raise ValueError(
                 f"the prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) = {total} "
                 f"tokens is more than the context of {self.max_model_len} tokens"
             )
-        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {request.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(request, name)
+            if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_TOP_LOGPROBS}], got {k}")
         request.params.validate()
         with self._lock:
             if self._closed:
@@ -338,7 +342,9 @@ class Engine:
 
     def _admit(self, seq: Slot) -> None:
         try:
-            snap = self.prompt_cache.lookup(seq.tokens) if self.prompt_cache is not None else None
+            # A scored prompt runs through the model whole: a snapshot would skip the tokens it must score.
+            reuse = self.prompt_cache is not None and seq.request.prompt_logprobs is None
+            snap = self.prompt_cache.lookup(seq.tokens) if reuse else None
             if snap is not None and len(snap.tokens) == seq.prompt_len:  # the whole prompt: no prefill
                 seq.cache, seq.ready_logits = snap.cache, snap.logits  # read only: joining copies it
                 seq.prefilled = seq.cached_tokens = seq.prompt_len
@@ -363,7 +369,10 @@ class Engine:
                 continue
             try:
                 ids = torch.tensor([seq.tokens[seq.prefilled : seq.prefilled + n]], device=self.device)
-                logits = self.model(ids, past_key_values=seq.cache, logits_to_keep=1).logits[:, -1]  # (1, V)
+                if seq.request.prompt_logprobs is None:
+                    logits = self.model(ids, past_key_values=seq.cache, logits_to_keep=1).logits[:, -1]  # (1, V)
+                else:
+                    logits = self._score_prompt(seq, ids)
                 seq.prefilled += n
                 self.stats.prompt_tokens += n
                 if seq.prefilled < seq.prompt_len:
@@ -380,12 +389,28 @@ class Engine:
             self._prefilling.remove(seq)
             self._ready.append(seq)
 
+    def _score_prompt(self, seq: Slot, ids: torch.Tensor) -> torch.Tensor:
+        """Prefill one chunk of a scored prompt, keeping its tokens' logprobs; returns the last logits (1, V)."""
+        start, k = seq.prefilled, seq.request.prompt_logprobs or 0
+        targets = torch.tensor(seq.tokens[start + 1 : min(start + ids.shape[1] + 1, seq.prompt_len)])
+        scores = score_chunk(self.model, ids, seq.cache, targets, top=k)
+        best = zip(scores.top_ids.tolist(), scores.top_logprobs.tolist(), strict=True) if k else None
+        assert seq.prompt_scores is not None and scores.last_logits is not None
+        for token, lp in zip(targets.tolist(), scores.logprobs.tolist(), strict=True):
+            top = list(zip(*next(best), strict=True)) if best is not None else []
+            seq.prompt_scores.append(TokenLogprob(token, lp, 0, top))
+        return scores.last_logits
+
     def _join_ready(self) -> None:
         """Sample the first token of each finished prompt; the ones that go on join the batch."""
         ready, self._ready = self._ready, []
         joined: list[Slot] = []
         for seq in ready:
             assert seq.ready_logits is not None
+            if seq.request.max_tokens == 0:  # the prompt's scores were all that was asked for
+                seq.prompt_only()
+                self._finish(seq)
+                continue
             error, done = self._first_token(seq, seq.ready_logits)
             if error is not None:
                 self._fail(seq, error)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from zamba2.serve.engine import MAX_TOP_LOGPROBS, Output, TokenLogprob
-from zamba2.tokenizer import Tokenizer
+from zamba2.tokenizer import StreamDecoder, Tokenizer
 
 MAX_STOP = 16
 
@@ -111,6 +112,15 @@ class ChatRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool | None = None  # the prompt comes first in text and logprobs
+    max_tokens: int | None = Field(None, ge=0)  # 0: with echo, score the prompt only
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: one string or token-id list per choice."""
+        p = self.prompt
+        if isinstance(p, str) or not p or isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
 
 
 class TokenizeRequest(_Body):
@@ -208,62 +218,135 @@ def chat_logprobs(entries: list[TokenLogprob], texts: TokenTexts) -> dict[str, A
     }
 
 
-def completion_logprobs(entries: list[TokenLogprob], texts: TokenTexts, with_top: bool) -> dict[str, Any]:
-    return {
-        "tokens": [texts(e.token_id)[0] for e in entries],
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{texts(i)[0]: lp for i, lp in e.top} for e in entries] if with_top else None,
-        "text_offset": [e.text_offset for e in entries],
-    }
+@dataclass
+class Echo:
+    """What `echo` puts before a completion: the prompt's text and ids, and each id's offset in that text."""
+
+    text: str
+    ids: list[int]
+    offsets: list[int]
 
 
-def usage(last: Output) -> dict[str, Any]:
+def echo_of(tokenizer: Tokenizer, ids: list[int], text: str | None) -> Echo:
+    """The echo of a prompt given as `text` (kept as sent) or as ids only (decoded, special tokens skipped).
+
+    Offsets come from decoding the ids one by one, so they index the decoded text: for a text prompt that the
+    tokenizer round-trips (the usual case) the same string."""
+    decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
+    offsets, pieces, n = [], [], 0
+    for token in ids:
+        offsets.append(n)
+        pieces.append(decoder.push(token))
+        n += len(pieces[-1])
+    pieces.append(decoder.flush())
+    return Echo("".join(pieces) if text is None else text, list(ids), offsets)
+
+
+Row = tuple[int, float | None, list[tuple[int, float]] | None, int]  # id, logprob, top (id, logprob), offset
+
+
+def completion_logprobs(rows: list[Row], texts: TokenTexts, with_top: bool) -> dict[str, Any]:
     return {
-        "prompt_tokens": last.prompt_tokens,
-        "completion_tokens": last.completion_tokens,
-        "total_tokens": last.prompt_tokens + last.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": last.cached_tokens},
+        "tokens": [texts(token)[0] for token, *_ in rows],
+        "token_logprobs": [lp for _, lp, _, _ in rows],
+        "top_logprobs": [None if top is None else {texts(i)[0]: v for i, v in top} for _, _, top, _ in rows]
+        if with_top else None,
+        "text_offset": [offset for *_, offset in rows],
+    }  # fmt: skip
+
+
+def usage(lasts: list[Output]) -> dict[str, Any]:
+    """Token counts of a response, summed over its choices (one per prompt)."""
+    prompt = sum(o.prompt_tokens for o in lasts)
+    completion = sum(o.completion_tokens for o in lasts)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(o.cached_tokens for o in lasts)},
     }
 
 
 class ResponseBuilder:
-    """Builds the JSON objects of one chat or text completion (whole, or as stream chunks)."""
+    """Builds the JSON objects of one chat or text completion (whole, or as stream chunks); a text
+    completion has one choice per prompt, and with `echoes` each choice starts with its prompt."""
 
     def __init__(self, kind: Literal["chat", "text"], model: str, texts: TokenTexts, top_logprobs: int | None,
-                 include_usage: bool = False) -> None:  # fmt: skip
+                 include_usage: bool = False, echoes: list[Echo | None] | None = None) -> None:  # fmt: skip
         self.kind = kind
         self.model = model
         self.texts = texts
         self.top_logprobs = top_logprobs  # None: no logprobs
         self.include_usage = include_usage
+        self.echoes: list[Echo | None] = echoes or [None]
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
-    def _logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any] | None:
+    @property
+    def choices(self) -> int:
+        return len(self.echoes)
+
+    def _rows(self, index: int, entries: list[TokenLogprob]) -> list[Row]:
+        shift = len(echo.text) if (echo := self.echoes[index]) is not None else 0
+        return [(e.token_id, e.logprob, e.top, shift + e.text_offset) for e in entries]
+
+    def _logprobs(self, entries: list[TokenLogprob], index: int = 0) -> dict[str, Any] | None:
         if self.top_logprobs is None:
             return None
         if self.kind == "chat":
             return chat_logprobs(entries, self.texts)
-        return completion_logprobs(entries, self.texts, with_top=self.top_logprobs > 0)
+        return completion_logprobs(self._rows(index, entries), self.texts, with_top=self.top_logprobs > 0)
+
+    def _echo_rows(self, index: int, first: Output) -> list[Row]:
+        """The prompt's rows: the first token has no logprob (nothing before it), the others were scored."""
+        echo = self.echoes[index]
+        assert echo is not None
+        scored = first.prompt_logprobs or []
+        rows: list[Row] = [(echo.ids[0], None, None, 0)]
+        for e, offset in zip(scored, echo.offsets[1:], strict=True):
+            rows.append((e.token_id, e.logprob, e.top, offset))
+        return rows
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
                 "system_fingerprint": None}  # fmt: skip
 
-    def whole(self, outputs: list[Output]) -> dict[str, Any]:
+    def _choice(self, index: int, outputs: list[Output]) -> dict[str, Any]:
         text = "".join(o.text for o in outputs)
         entries = [e for o in outputs for e in (o.logprobs or [])]
-        last = outputs[-1]
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-        else:
-            choice = {"index": 0, "text": text}
-        choice.update(logprobs=self._logprobs(entries), finish_reason=last.finish_reason)
+            return {"index": 0, "message": {"role": "assistant", "content": text},
+                    "logprobs": self._logprobs(entries), "finish_reason": outputs[-1].finish_reason}  # fmt: skip
+        echo = self.echoes[index]
+        logprobs = self._logprobs(entries, index)
+        if echo is not None:
+            text = echo.text + text
+            if logprobs is not None:
+                rows = self._echo_rows(index, outputs[0]) + self._rows(index, entries)
+                logprobs = completion_logprobs(rows, self.texts, with_top=bool(self.top_logprobs))
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": outputs[-1].finish_reason}
+
+    def whole(self, per_choice: list[list[Output]]) -> dict[str, Any]:
+        """The response from every Output of each choice."""
+        choices = [self._choice(i, outs) for i, outs in enumerate(per_choice)]
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
-        return {**self._envelope(obj, [choice]), "usage": usage(last)}
+        return {**self._envelope(obj, choices), "usage": usage([outs[-1] for outs in per_choice])}
+
+    def echo_chunk(self, index: int, first: Output) -> dict[str, Any]:
+        """The stream chunk that echoes choice `index`'s prompt, sent before its first generated text."""
+        echo = self.echoes[index]
+        assert echo is not None and self.kind == "text"
+        logprobs = None
+        if self.top_logprobs is not None:
+            logprobs = completion_logprobs(self._echo_rows(index, first), self.texts, self.top_logprobs > 0)
+        choice = {"index": index, "text": echo.text, "logprobs": logprobs, "finish_reason": None}
+        out = self._envelope("text_completion", [choice])
+        if self.include_usage:
+            out["usage"] = None
+        return out
 
     def chunk(self, text: str, entries: list[TokenLogprob] | None, finish_reason: str | None,
-              role: bool = False) -> dict[str, Any]:  # fmt: skip
+              role: bool = False, index: int = 0) -> dict[str, Any]:  # fmt: skip
         if self.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant", "content": text} if role else {}
             if text and not role:
@@ -271,14 +354,15 @@ class ResponseBuilder:
             choice = {"index": 0, "delta": delta}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": text}
+            choice = {"index": index, "text": text}
             obj = "text_completion"
-        choice.update(logprobs=self._logprobs(entries) if entries else None, finish_reason=finish_reason)
+        choice.update(logprobs=self._logprobs(entries, index) if entries else None, finish_reason=finish_reason)
         out = self._envelope(obj, [choice])
         if self.include_usage:
             out["usage"] = None
         return out
 
-    def usage_chunk(self, last: Output) -> dict[str, Any]:
+    def usage_chunk(self, lasts: list[Output]) -> dict[str, Any]:
+        """The last stream chunk with stream_options.include_usage: no choices, the usage of them all."""
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {**self._envelope(obj, []), "usage": usage(last)}
+        return {**self._envelope(obj, []), "usage": usage(lasts)}

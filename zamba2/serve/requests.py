@@ -24,6 +24,8 @@ from zamba2.tokenizer import StreamDecoder, Tokenizer
 log = logging.getLogger("zamba2.serve")
 
 MAX_TOP_LOGPROBS = 20
+# Prompt ids a completion's text is decoded after (enough for any word boundary or multi-byte character).
+DECODE_CONTEXT = 8
 
 
 @dataclass
@@ -35,13 +37,19 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the k most likely
     ignore_eos: bool = False
+    # None: off; k >= 0: score the prompt too (echo): the logprob of every prompt token after the first, from
+    # the prefill itself (zamba2.eval.score_chunk), and its k most likely; then max_tokens may be 0.
+    prompt_logprobs: int | None = None
+    # The text continues the prompt (a completion): decoded after the prompt's last ids, so a leading space
+    # of the first token is kept. Off for chat, whose answer starts a new text.
+    continue_text: bool = False
 
 
 @dataclass
 class TokenLogprob:
     token_id: int
     logprob: float
-    text_offset: int  # characters of completion text before this token
+    text_offset: int  # characters of completion text before this token (0 for prompt tokens: see protocol)
     top: list[tuple[int, float]]  # (id, logprob), best first
 
 
@@ -64,6 +72,7 @@ class Output:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int  # prompt tokens whose state came from the prompt cache
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (request.prompt_logprobs), first Output
 
 
 @dataclass
@@ -106,7 +115,11 @@ class Slot:
         self.use_history = p.repetition_penalty != 1.0 or p.presence_penalty != 0 or p.frequency_penalty != 0
         self.plain_greedy = p.greedy and not self.use_history
         self.eos = frozenset() if request.ignore_eos else eos
-        self.decoder = StreamDecoder(tokenizer, skip_special_tokens=True) if tokenizer is not None else None
+        context = request.prompt_ids[-DECODE_CONTEXT:] if request.continue_text else ()
+        self.decoder = None if tokenizer is None else StreamDecoder(tokenizer, skip_special_tokens=True,
+                                                                   context=context)  # fmt: skip
+        # the scored prompt tokens (request.prompt_logprobs), sent with the first Output
+        self.prompt_scores: list[TokenLogprob] | None = [] if request.prompt_logprobs is not None else None
         self.cache: HybridCache | None = None  # batch 1, while prefilling
         self.ready_logits: torch.Tensor | None = None  # (V,) of a prompt found whole in the prompt cache
         self.prefilled = 0  # prompt tokens in self.cache
@@ -160,8 +173,13 @@ class Slot:
                 hold = partial_stop(text, req.stop)
                 if hold:
                     text, self.held = text[:-hold], text[-hold:]
-        self.emit(Output(text, [token], lp, finish, self.prompt_len, self.generated, self.cached_tokens))
+        scored, self.prompt_scores = self.prompt_scores, None
+        self.emit(Output(text, [token], lp, finish, self.prompt_len, self.generated, self.cached_tokens, scored))
         return finish is not None
+
+    def prompt_only(self) -> None:
+        """Answer a request for its prompt's scores alone (max_tokens 0): one Output, no token."""
+        self.emit(Output("", [], None, "length", self.prompt_len, 0, 0, self.prompt_scores))
 
 
 def fair_shares(remaining: Sequence[int], budget: int) -> list[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from zamba2.tokenizer.core import Tokenizer
 
 _REPLACEMENT_CHAR = "\ufffd"
@@ -18,12 +20,16 @@ class StreamDecoder:
     at most 4 byte tokens) so invalid byte sequences cannot stall the stream.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False, max_pending: int = 8) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False, max_pending: int = 8,
+                 context: Sequence[int] = ()) -> None:  # fmt: skip
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.max_pending = max_pending
-        self._ids: list[int] = []  # the window: the last emitted chunk, then the pending ids
-        self._read = 0  # ids before this index have been emitted
+        # `context`: ids that come before the stream (a prompt's last few), decoded as if already emitted, so
+        # the first new token reads as it does after them: its word-boundary space is kept, where decoding the
+        # new ids alone would strip it as the start of a text.
+        self._ids: list[int] = [int(i) for i in context]  # the window: the last emitted chunk, then pending ids
+        self._read = len(self._ids)  # ids before this index have been emitted
 
     def _decode(self, stop: int | None = None) -> str:
         return self.tokenizer.decode(self._ids[:stop], skip_special_tokens=self.skip_special_tokens)
