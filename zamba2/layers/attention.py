@@ -26,6 +26,12 @@ def low_rank_adapter(d_in: int, rank: int, d_out: int) -> nn.Sequential:
 EmbeddingParts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def use_linear(linear: nn.Module, x: torch.Tensor, slot: int) -> torch.Tensor:
+    """A shared block's linear applied for hybrid ordinal `slot`. A per-use LoRA (zamba2/train/lora.py) holds
+    one adapter per hybrid layer and takes the slot; any other linear is the same for every use."""
+    return linear(x, slot) if getattr(linear, "per_slot", False) else linear(x)
+
+
 def linear_columns(linear: nn.Linear | QuantizedLinear, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """x (..., stop - start) times the input features [start, stop) of a bias-free projection's weight."""
     if isinstance(linear, QuantizedLinear):
@@ -162,7 +168,7 @@ class SharedAttention(nn.Module):
         hidden half of x through the weights."""
         b, T, W = x.shape
         if emb_parts is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = (use_linear(p, x, slot) for p in (self.q_proj, self.k_proj, self.v_proj))
         else:
             xh = x[..., : W // 2]
             q, k, v = (
@@ -193,7 +199,7 @@ class SharedAttention(nn.Module):
             )  # fmt: skip
             weights = None
         out = out.transpose(1, 2).reshape(b, T, self.n_heads * self.head_dim)
-        return self.o_proj(out), weights
+        return use_linear(self.o_proj, out, slot), weights
 
     def _one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         """Decode: one query per row, q (B, na, 1, d), k/v (B, nkv, S, d) -> (B, na, 1, d). Query heads are

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zamba2.config import Zamba2Config
-from zamba2.layers.attention import low_rank_adapter
+from zamba2.layers.attention import low_rank_adapter, use_linear
 
 _ACT = {
     "gelu": F.gelu,
@@ -31,7 +31,8 @@ class SharedMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # (B, T, 2F): the largest activation of a prompt chunk, so added in place
+        # (B, T, 2F): the largest activation of a prompt chunk, so the adapter is added in place
+        gate_up = use_linear(self.gate_up_proj, x, slot)
         gate_up += self.gate_up_proj_adapter_list[str(slot)](x)
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return use_linear(self.down_proj, self.act(gate) * up, slot)

@@ -21,13 +21,16 @@ def default_quantize_filter(name: str, module: nn.Module) -> bool:
 
     Both dimensions must be >= 256 (small projections save little bandwidth and lose more accuracy),
     and the layer must not be a LoRA adapter of the shared blocks (names containing "adapter_list");
-    adapters stay in the model dtype.
+    adapters stay in the model dtype. Linears carrying a fine-tuning LoRA (zamba2/train/lora.py) and its
+    factors stay too: quantising the base alone would drop the adapter.
     """
     return (
         isinstance(module, nn.Linear)
         and module.in_features >= 256
         and module.out_features >= 256
         and "adapter_list" not in name
+        and "lora_" not in name
+        and not hasattr(module, "lora_A")
     )
 
 
