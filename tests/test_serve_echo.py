@@ -130,3 +130,28 @@ def test_tokenizer_info_and_refusals(server, local):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[1]"
     r = post(server, "/v1/completions", {"model": NAME, "prompt": ["x"] * 100, "max_tokens": 1})
     assert r.status_code == 400 and "at most" in r.json()["error"]["message"]
+
+
+def test_zamba2_eval_through_the_server_equals_local(server, checkpoint, tmp_path):
+    """`zamba2 eval --server` (the server's echo, several windows per request) gives the local figures."""
+    from zamba2.cli import main
+
+    text = tmp_path / "held.txt"
+    text.write_text("A fox ran through the quiet wood at night, and the owls watched it go. " * 10)
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps(x) + "\n" for x in [
+        {"context": "The sky is", "choices": [" blue", " green", " loud"], "answer": 0},
+        {"context": "One, two, ", "choices": ["three", "four"], "answer": 0},
+    ]))  # fmt: skip
+    reports = []
+    for extra in ([], ["--server", server, "--api-key", test_serve.KEY, "--batch-size", "3"]):
+        out = tmp_path / f"report{len(reports)}.json"
+        argv = ["eval", "--model", str(checkpoint), "--text", str(text), "--choices", str(items),
+                "--context-length", "48", "--stride", "16", "--output", str(out), "--quiet", *extra]  # fmt: skip
+        assert main(argv) == 0
+        reports.append(json.loads(out.read_text()))
+    local_, served = reports
+    assert served["texts"][0]["tokens"] == local_["texts"][0]["tokens"]
+    assert abs(served["texts"][0]["logprob"] - local_["texts"][0]["logprob"]) < 1e-4
+    for a, b in zip(local_["choices"][0]["items"], served["choices"][0]["items"], strict=True):
+        assert max(abs(x - y) for x, y in zip(a["loglikelihoods"], b["loglikelihoods"], strict=True)) < 1e-5

@@ -1,8 +1,9 @@
-"""The `zamba2` command line (also `python -m zamba2`): generate, chat, convert, bench, serve.
+"""The `zamba2` command line (also `python -m zamba2`): generate, chat, convert, train, eval, bench, serve.
 
     zamba2 generate --model Zyphra/Zamba2-1.2B-instruct --chat "Why is the sky blue?"
     zamba2 chat --model Zyphra/Zamba2-1.2B-instruct --system "You are terse."
     zamba2 convert ./legacy-checkpoint ./upstream-checkpoint --dtype bf16
+    zamba2 eval --model ./checkpoint --text held-out.txt --choices items.jsonl
     zamba2 bench ...      (zamba2.bench)
     zamba2 serve ...      (zamba2.serve, needs the [serve] extra)
 
@@ -13,6 +14,7 @@ stack are imported only once a command runs, so `--help` answers at once.
     parser.py     exit codes, UsageError / CommandError, argument types, `build_parser`
     generate.py   loading a model and tokenizer, sampling settings, streaming; `generate` and `chat`
     commands.py   `convert`, the delegated `bench` / `serve`, error reporting, `main`
+    train.py      `train`; evaluate.py: `eval` (zamba2.eval)
 
 Every name of the former single module zamba2/cli.py is importable from here; its private helpers are
 re-exported as `_name as _name` (they are not part of the API).

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from zamba2 import allocator
+from zamba2.cli.evaluate import cmd_eval
 from zamba2.cli.generate import _resolve, cmd_chat, cmd_generate
 from zamba2.cli.parser import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, CommandError, UsageError, build_parser
 from zamba2.cli.train import cmd_train
@@ -82,7 +83,7 @@ def _delegate(name: str, argv: list[str]) -> int:
     return 0 if result is None else int(result)
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "train": cmd_train}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "train": cmd_train, "eval": cmd_eval}
 
 
 # ---- entry point ---------------------------------------------------------------------------------

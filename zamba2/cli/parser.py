@@ -154,9 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--quantize", choices=QUANTIZE, help="save weight-only quantised linear layers")
     _common(conv)
 
-    from zamba2.cli import train
+    from zamba2.cli import evaluate, train
 
     train.add_parser(sub)
+    evaluate.add_parser(sub)
 
     # Listed for --help only: main() hands their arguments to the module's own parser.
     sub.add_parser("bench", add_help=False, help="benchmarks (see 'zamba2 bench --help')")
