@@ -28,8 +28,6 @@ def conv_full(
     Returns the conv output before activation (B, T, C) and the new state: the last K-1 inputs, taken
     from the state when T < K-1 (with `seq_idx`, those of the last document only, zeros before it).
     """
-    if seq_idx is not None:
-        return _conv_documents(x, weight, bias, state, seq_idx)
     b, T, Ch = x.shape
     K = weight.shape[-1]
     xt = x.transpose(1, 2)  # (B, C, T)
@@ -37,6 +35,8 @@ def conv_full(
         state = xt.new_zeros(b, Ch, K - 1)
     window = torch.cat([state.to(xt.dtype), xt], dim=-1)  # (B, C, K-1+T)
     out = F.conv1d(window, weight[:, None, :].to(xt.dtype), bias, groups=Ch)  # (B, C, T)
+    if seq_idx is not None:
+        return _cut_at_documents(out.transpose(1, 2), window, weight, bias, seq_idx)
     return out.transpose(1, 2), window[..., -(K - 1) :]
 
 
@@ -48,27 +48,34 @@ def conv_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     return out + bias if bias is not None else out
 
 
-def _conv_documents(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor | None, seq_idx: torch.Tensor
+def _cut_at_documents(
+    out: torch.Tensor, window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`conv_full` over packed documents: the K taps as K multiply-adds, each tap masked where it would
-    read across a document start. Autograd keeps the window once (the taps are views of it) and (B, T, 1) masks.
-    """
-    b, T, Ch = x.shape
+    """The plain conv's output (B, T, C) is right except at the K-1 first positions of each document, whose
+    taps reach into the document before: those few positions are recomputed from their own document's taps
+    alone (not corrected by subtraction, which would cancel in bf16). window (B, C, K-1+T) as in `conv_full`.
+    Measured at 1.2B shapes (512 tokens, C = 4352, 4 documents, one busy core): forward + backward 1.05-1.2x the
+    plain conv, the forward's extra ops ~3 ms next to its ~30 ms. Masking the K taps at every position measured
+    1.4-1.7x, and laying the documents out apart with zeros between them for one plain conv 1.2-1.35x."""
+    b, T = seq_idx.shape
     K = weight.shape[-1]
-    past = x.new_zeros(b, K - 1, Ch) if state is None else state.to(x.dtype).transpose(1, 2)
-    window = torch.cat([past, x], dim=1)  # (B, K-1+T, C)
-    # the state's positions count as the first document's
-    docs = torch.cat([seq_idx[:, :1].expand(b, K - 1), seq_idx], dim=1)  # (B, K-1+T)
-    w = weight.to(x.dtype)
-    out = window[:, K - 1 :] * w[:, K - 1]  # tap K-1 reads the position itself
-    for k in range(K - 1):  # tap k reads K-1-k positions back
-        same = (docs[:, k : k + T] == seq_idx)[..., None].to(x.dtype)  # (B, T, 1)
-        out = out + window[:, k : k + T] * w[:, k] * same
-    if bias is not None:
-        out = out + bias.to(x.dtype)
-    tail = window[:, -(K - 1) :] * (docs[:, -(K - 1) :] == seq_idx[:, -1:])[..., None].to(x.dtype)
-    return out, tail.transpose(1, 2)
+    docs = torch.cat([seq_idx[:, :1].expand(b, K - 1), seq_idx], dim=1)  # (B, K-1+T): the state is document 0's
+    same = docs.unfold(1, K, 1) == seq_idx[..., None]  # (B, T, K): tap k of position t reads t - (K-1-k)
+    rows, cols = (~same).any(-1).nonzero(as_tuple=True)  # (M,): the positions to recompute
+    if rows.numel():
+        taps = cols[:, None] + torch.arange(K, device=cols.device)  # (M, K) indices into the window
+        inputs = window.transpose(1, 2)[rows[:, None], taps]  # (M, K, C)
+        kept = same[rows, cols].to(inputs.dtype)[..., None]  # (M, K, 1)
+        fixed = (inputs * kept * weight.t().to(inputs.dtype)).sum(1)  # (M, C)
+        if bias is not None:
+            fixed = fixed + bias.to(fixed.dtype)
+        if torch.is_grad_enabled() and fixed.requires_grad:
+            # out of place: autograd through a write into the transposed view measured 1.5-2x slower
+            out = out.index_put((rows, cols), fixed.to(out.dtype))
+        else:
+            out.index_put_((rows, cols), fixed.to(out.dtype))
+    last = (docs[:, -(K - 1) :] == seq_idx[:, -1:])[:, None].to(window.dtype)  # (B, 1, K-1)
+    return out, window[..., -(K - 1) :] * last
 
 
 def conv_reference(
