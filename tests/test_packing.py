@@ -38,8 +38,12 @@ def scan_inputs(groups: int, seed: int = 0):
 @pytest.mark.parametrize("chunk", [1, 4, 8, 16, 64])
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("grad", [False, True], ids=["in-place", "autograd"])
-def test_ssd_chunked_with_seq_idx_equals_documents_alone(chunk, groups, with_state, grad):
+@pytest.mark.parametrize("path", ["in-place", "fused-backward", "plain-autograd"])
+def test_ssd_chunked_with_seq_idx_equals_documents_alone(chunk, groups, with_state, path, monkeypatch):
+    from zamba2.ops import ssd
+
+    monkeypatch.setattr(ssd, "FUSED_BACKWARD", path == "fused-backward")
+    grad = path != "in-place"
     x, dt, A, B, C, D, s0 = scan_inputs(groups, seed=chunk)
     s0 = s0 if with_state else None
     with torch.set_grad_enabled(grad):
@@ -58,7 +62,11 @@ def test_ssd_reference_with_seq_idx_runs_documents_alone():
     assert torch.equal(yr[:1, lo:hi], alone)
 
 
-def test_ssd_chunked_with_seq_idx_gradients_equal_documents_alone():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-backward", "plain-autograd"])
+def test_ssd_chunked_with_seq_idx_gradients_equal_documents_alone(fused, monkeypatch):
+    from zamba2.ops import ssd
+
+    monkeypatch.setattr(ssd, "FUSED_BACKWARD", fused)
     x, dt, A, B, C, D, _ = scan_inputs(2)
     leaves = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D)]
     y, s = ssd_chunked(*leaves[:5], leaves[5], 8, seq_idx=SEQ_IDX)
