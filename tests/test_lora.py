@@ -34,8 +34,8 @@ def tiny(layout: str = "repeated", **kw) -> dict:
     return dict(
         vocab_size=128, hidden_size=32, num_hidden_layers=len(types), layers_block_type=types, mamba_d_state=8,
         n_mamba_heads=4, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64, num_mem_blocks=nmb,
-        use_shared_attention_adapter=True, adapter_rank=4, use_mem_rope=True, chunk_size=4, pad_token_id=0, **kw,
-    )  # fmt: skip
+        use_shared_attention_adapter=True, adapter_rank=4, use_mem_rope=True, chunk_size=4, pad_token_id=0,
+    ) | kw  # fmt: skip
 
 
 def ours(layout: str = "repeated", cls=Zamba2ForCausalLM, seed: int = 0, **kw):
@@ -334,3 +334,102 @@ def test_quantize_leaves_lora_linears_alone():
     assert default_quantize_filter("model.layers.0.mamba.in_proj", torch.nn.Linear(256, 512))
     assert not default_quantize_filter("model.layers.0.mamba.in_proj", wrapped)
     assert not default_quantize_filter("model.layers.0.mamba.in_proj.lora_B", torch.nn.Linear(256, 512))
+
+
+# ---- applying an adapter: from_pretrained, the CLI, the server -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A saved base checkpoint (the CLI's tiny model with its tokenizer) and a random adapter for it."""
+    from helpers_cli import make_model_folder
+
+    root = tmp_path_factory.mktemp("lora")
+    base = make_model_folder(root / "base")
+    model = Zamba2ForCausalLM.from_pretrained(base, progress=False)
+    lora.add_lora(model, rank=4, alpha=8)
+    randomise(model.named_parameters(), std=0.05)
+    lora.save_adapter(model, root / "adapter", base_model_name_or_path=str(base))
+    return base, root / "adapter", model.eval()
+
+
+def test_from_pretrained_with_adapter(trained):
+    base, adapter, model = trained
+    loaded = Zamba2ForCausalLM.from_pretrained(base, adapter=adapter, progress=False)
+    assert lora.has_lora(loaded) and not lora.trainable_parameters(loaded)
+    d = maxdiff(out(loaded), out(model))
+    assert d == 0, f"from_pretrained(adapter=) vs the model that saved it: {d}"
+    assert maxdiff(out(loaded), out(Zamba2ForCausalLM.from_pretrained(base, progress=False))) > 1e-3
+    # the cached decode path carries the adapters too: prefill + one step == full forward
+    with torch.no_grad():
+        full = loaded(IDS).logits[:, -1]
+        cache = loaded(IDS[:, :-1], use_cache=True).past_key_values
+        step = loaded(IDS[:, -1:], past_key_values=cache).logits[:, -1]
+    assert maxdiff(step, full) < 1e-5, maxdiff(step, full)
+
+
+def test_classifier_from_pretrained_with_adapter(tmp_path):
+    clf = ours(cls=Zamba2ForSequenceClassification, num_labels=3)
+    clf.save_pretrained(tmp_path / "base")
+    lora.add_lora(clf, rank=2, alpha=4, targets=["in_proj"])
+    randomise(clf.named_parameters())
+    lora.save_adapter(clf, tmp_path / "adapter")
+    again = Zamba2ForSequenceClassification.from_pretrained(tmp_path / "base", adapter=tmp_path / "adapter")
+    assert maxdiff(out(again), out(clf)) == 0
+    with pytest.raises(ValueError, match="task_type is 'SEQ_CLS', but the model is a Zamba2ForCausalLM"):
+        Zamba2ForCausalLM.from_pretrained(tmp_path / "base", adapter=tmp_path / "adapter", progress=False)
+
+
+def test_quantize_with_adapter(tmp_path):
+    """quantize= with adapter=: adapters merge into the float weights, then those quantise; per-use adapters on
+    a block serving several hybrid layers stay in float beside the quantised base."""
+    from zamba2.quant import QuantizedLinear
+
+    model = ours("repeated", hidden_size=256, intermediate_size=256, n_mamba_heads=8)
+    model.save_pretrained(tmp_path / "base")
+    lora.add_lora(model, rank=4, alpha=8)
+    randomise(model.named_parameters(), std=0.02)
+    lora.save_adapter(model, tmp_path / "adapter")
+    q = Zamba2ForCausalLM.from_pretrained(tmp_path / "base", adapter=tmp_path / "adapter", quantize="int8")
+    assert isinstance(q.model.layers[0].mamba.in_proj, QuantizedLinear)
+    assert isinstance(q.model.layers[1].shared_transformer.self_attn.q_proj, lora.SlotLoraLinear)
+    ref, got = out(model), out(q)
+    d, scale = maxdiff(got, ref), ref.abs().max().item()
+    assert d < 0.05 * scale, f"int8 + merged adapter vs float + adapter: {d} (logits up to {scale})"
+    plain = Zamba2ForCausalLM.from_pretrained(tmp_path / "base", quantize="int8")
+    assert maxdiff(out(plain), ref) > 2 * d  # the adapter is there
+
+
+def test_cli_generate_with_adapter(trained, capsys):
+    from zamba2 import cli
+    from zamba2.tokenizer import Tokenizer
+
+    base, adapter, model = trained
+    tok = Tokenizer.from_pretrained(base)
+    prompt = "The quick brown fox"
+    code = cli.main(["generate", "--model", str(base), "--adapter", str(adapter), "--max-new-tokens", "6", prompt])
+    got, err = capsys.readouterr()
+    assert code == 0, err
+    ids = tok.encode(prompt)
+    new = model.generate(torch.tensor([ids]), max_new_tokens=6, eos_token_id=[2])[0, len(ids) :].tolist()
+    assert got == tok.decode(new, skip_special_tokens=True) + "\n"
+    for bad, needle in ((base / "nope", "not a folder"), (base, "no adapter_config.json")):
+        code = cli.main(["generate", "--model", str(base), "--adapter", str(bad), "x"])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_serve_loads_adapter(trained):
+    from zamba2.serve.app import build_parser, create_app
+
+    base, adapter, model = trained
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--model", str(base), "--adapter", str(base)])
+    args = build_parser().parse_args(["--model", str(base), "--adapter", str(adapter), "--device", "cpu"])
+    server = create_app(args).state.server
+    server.load()
+    try:
+        assert server.error is None, server.error
+        assert maxdiff(out(server.engine.model), out(model)) == 0
+    finally:
+        server.engine.stop()

@@ -140,13 +140,15 @@ class Zamba2PreTrainedModel(nn.Module):
         problem_type: str | None = None,
         id2label: dict[int, str] | None = None,
         label2id: dict[str, int] | None = None,
+        adapter: str | os.PathLike | None = None,
     ):
         """Load a published (or fine-tuned, or legacy-format) checkpoint from a folder or a hub id.
 
         Built on the meta device and filled from memory-mapped safetensors, converting each tensor to `dtype`
         ("auto" = the checkpoint's stored dtype). `quantize="int8" | "int4"` quantises the large linears
         after loading. Classification overrides (num_labels, problem_type, id2label, label2id) as in
-        transformers."""
+        transformers. `adapter` is a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) applied
+        on top, frozen (zamba2/train/lora.py: attach_adapter)."""
         from zamba2 import checkpoint as ckpt
 
         overrides = {
@@ -156,11 +158,16 @@ class Zamba2PreTrainedModel(nn.Module):
             ).items()
             if v is not None
         }
-        return ckpt.load_pretrained(
+        model = ckpt.load_pretrained(
             cls, path_or_id, dtype=dtype, device=device, revision=revision, cache_dir=cache_dir, token=token,
-            quantize=quantize, quantize_group_size=quantize_group_size, progress=progress, config=config,
-            config_overrides=overrides,
+            quantize=quantize if adapter is None else None, quantize_group_size=quantize_group_size,
+            progress=progress, config=config, config_overrides=overrides,
         )  # fmt: skip
+        if adapter is not None:  # on the float weights; quantised after merging, if asked
+            from zamba2.train.lora import attach_adapter
+
+            attach_adapter(model, adapter, quantize, quantize_group_size, progress)
+        return model
 
     def quantize(self, mode: str, group_size: int = 64, progress: bool = False) -> dict[str, Any]:
         """Weight-only quantisation in place: every large linear (mamba in/out_proj, attention q/k/v/o, MLP

@@ -73,7 +73,7 @@ def _load(folder: Path, tokenizer, args: argparse.Namespace) -> Loaded:
     device = _device(args.device)
     progress = not args.quiet
     model = Zamba2ForCausalLM.from_pretrained(
-        folder, dtype=args.dtype, device=device, quantize=args.quantize, progress=progress
+        folder, dtype=args.dtype, device=device, quantize=args.quantize, progress=progress, adapter=args.adapter
     )
     if args.compile:
         from zamba2.ops import compiled

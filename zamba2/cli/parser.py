@@ -66,6 +66,18 @@ def _model_name(text: str) -> str:
     return text
 
 
+def adapter_folder(text: str) -> str:
+    """An argparse type: a PEFT LoRA folder, checked before any weights load (the files are read later)."""
+    from pathlib import Path
+
+    folder = Path(text)
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: not a folder (an adapter is a folder with adapter_config.json)")
+    if not (folder / "adapter_config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no adapter_config.json (not a PEFT adapter folder)")
+    return text
+
+
 # ---- parser --------------------------------------------------------------------------------------
 
 
@@ -82,6 +94,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype; auto = config.json's (default)")
     g.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, mps")
     g.add_argument("--quantize", choices=QUANTIZE, help="weight-only quantisation of the linear layers")
+    g.add_argument("--adapter", type=adapter_folder, metavar="FOLDER",
+                   help="LoRA adapter in PEFT's format (e.g. the --out of `zamba2 train --lora-rank`)")  # fmt: skip
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the mixer decode step (faster decode; first run compiles ~20 s)")  # fmt: skip
 

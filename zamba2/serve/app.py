@@ -37,6 +37,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zamba2 import allocator
+from zamba2.cli.parser import adapter_folder
 from zamba2.sampling import SamplingParams
 from zamba2.serve.engine import PREFILL_CHUNK, Engine, Failure, GenerationRequest, Output, Progress, QueueFull
 from zamba2.serve.metrics import ServerMetrics
@@ -141,9 +142,10 @@ class Server:
                 compiled.enable(True)
             device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
             folder = resolve_model_dir(a.model)
-            log.info("loading %s (%s, dtype %s, quantize %s)", folder, device, a.dtype, a.quantize)
+            log.info("loading %s (%s, dtype %s, quantize %s, adapter %s)", folder, device, a.dtype, a.quantize,
+                     a.adapter)  # fmt: skip
             model = Zamba2ForCausalLM.from_pretrained(
-                folder, dtype=a.dtype, device=device, quantize=a.quantize, progress=False
+                folder, dtype=a.dtype, device=device, quantize=a.quantize, progress=False, adapter=a.adapter
             )
             tokenizer = Tokenizer.from_pretrained(folder)
             engine = Engine(
@@ -493,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
     p.add_argument("--max-tokens-limit", type=_positive(int), default=4096, help="largest max_tokens accepted")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantisation at load")
+    p.add_argument("--adapter", type=adapter_folder, metavar="FOLDER", help="apply a LoRA adapter (PEFT's format)")
     p.add_argument("--dtype", type=_dtype, default="auto", help="auto (config.json), fp32, bf16, fp16")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--threads", type=_positive(int), help="torch CPU threads (default: torch's choice)")

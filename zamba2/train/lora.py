@@ -1,8 +1,7 @@
 """LoRA: low-rank adapters on chosen linears, laid out as PEFT lays them out on transformers' Zamba2.
 
-A wrapped linear computes  y = W x + b + (alpha / r) * B (A dropout(x)),  A (r, in) Kaiming-uniform, B (out, r)
-zero, so a fresh adapter is the identity. The base `weight` / `bias` stay the same Parameters under the same
-names (state_dict() keeps the checkpoint names); the factors add `<path>.lora_A.weight` / `.lora_B.weight`.
+A wrapped linear (lora_layers.py) computes  y = W x + b + (alpha / r) * B (A dropout(x)), B zero at first. The
+base `weight` / `bias` keep their names in state_dict(); the factors add `<path>.lora_A.weight` / `.lora_B.weight`.
 
 Per use on shared blocks: our tree registers each shared block once (blocks.HybridLayer), transformers' tree has
 one tied copy per hybrid layer, and PEFT wraps each copy separately. So a linear inside a shared block gets one
@@ -27,12 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from zamba2.layers.blocks import HybridLayer, SharedBlock
+from zamba2.quant import QuantizedLinear
 from zamba2.train import peft_format
+from zamba2.train.lora_layers import LoraBase, LoraLinear, SlotLoraLinear
+
+__all__ = [
+    "DEFAULT_TARGETS", "LoraLinear", "LoraSettings", "SlotLoraLinear", "adapter_state_dict", "add_lora",
+    "attach_adapter", "has_lora", "load_adapter", "load_adapter_state_dict", "lora_modules", "merge_and_unload",
+    "merge_lora", "save_adapter", "trainable_parameters", "unmerge_lora",
+]  # fmt: skip
 
 # Mamba in/out projections, shared attention q/k/v/o, shared MLP gate_up/down, and each hybrid layer's `linear`.
 DEFAULT_TARGETS: list[str] = [
@@ -59,79 +65,6 @@ class LoraSettings:
     @property
     def scaling(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
-
-
-# ---- the wrapped linears -------------------------------------------------------------------------
-
-
-def _factors(base: nn.Linear, r: int) -> tuple[nn.Linear, nn.Linear]:
-    """A (r, in) and B (out, r) on the base's device; fp32 when the base is half precision (as PEFT keeps them),
-    so that small updates are not rounded away."""
-    w = base.weight
-    dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
-    A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=dtype)
-    B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=dtype)
-    nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
-    nn.init.zeros_(B.weight)
-    return A, B
-
-
-class _LoraBase(nn.Linear):
-    """An nn.Linear that reuses another linear's weight and bias Parameters (same names in state_dict)."""
-
-    per_slot = False
-
-    def __init__(self, base: nn.Linear, scaling: float, dropout: float) -> None:
-        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a weight we do not want
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        self.scaling = scaling
-        self.dropout = dropout
-        self.merged = False
-
-    def _delta(self, x: torch.Tensor, A: nn.Linear, B: nn.Linear, out_dtype: torch.dtype) -> torch.Tensor:
-        """scaling * B A dropout(x), in the factors' dtype, returned in the base output's dtype."""
-        x = x.to(A.weight.dtype)
-        if self.dropout > 0:
-            x = F.dropout(x, self.dropout, self.training)
-        return (B(A(x)) * self.scaling).to(out_dtype)
-
-    def _merge_factors(self, A: nn.Linear, B: nn.Linear, sign: float) -> None:
-        delta = (B.weight.float() @ A.weight.float()) * (sign * self.scaling)  # (out, in)
-        self.weight.data += delta.to(self.weight.dtype)
-
-
-class LoraLinear(_LoraBase):
-    """A linear used once (Mamba projections, a hybrid layer's `linear`, a head): one (A, B) pair."""
-
-    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float) -> None:
-        super().__init__(base, scaling, dropout)
-        self.lora_A, self.lora_B = _factors(base, r)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        return y if self.merged else y + self._delta(x, self.lora_A, self.lora_B, y.dtype)
-
-
-class SlotLoraLinear(_LoraBase):
-    """A linear of a shared block: one (A, B) pair per hybrid ordinal in `slots`, chosen by the caller's slot.
-    Slots of the block left out of the targets run the base linear alone."""
-
-    per_slot = True
-
-    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float, slots: list[int]) -> None:
-        super().__init__(base, scaling, dropout)
-        pairs = {str(j): _factors(base, r) for j in slots}
-        self.lora_A = nn.ModuleDict({j: a for j, (a, _) in pairs.items()})
-        self.lora_B = nn.ModuleDict({j: b for j, (_, b) in pairs.items()})
-
-    def forward(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        key = str(slot)
-        if self.merged or key not in self.lora_A:
-            return y
-        return y + self._delta(x, self.lora_A[key], self.lora_B[key], y.dtype)
 
 
 # ---- module paths in PEFT's view -----------------------------------------------------------------
@@ -176,7 +109,7 @@ def _is_target(path: str, module: nn.Module, settings: LoraSettings) -> bool:
     return _matches(path, settings.targets)
 
 
-def lora_modules(model: nn.Module) -> Iterator[tuple[str, _LoraBase, int | None]]:
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraBase, int | None]]:
     """(PEFT path, wrapped linear, slot) for every adapter in the model, in module order."""
     for path, m, slot in _uses(model):
         if isinstance(m, SlotLoraLinear) and str(slot) in m.lora_A:
@@ -186,7 +119,7 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, _LoraBase, int | None]
 
 
 def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, _LoraBase) for m in model.modules())
+    return any(isinstance(m, LoraBase) for m in model.modules())
 
 
 # ---- adding adapters -----------------------------------------------------------------------------
@@ -241,6 +174,11 @@ def apply_lora(model: nn.Module, settings: LoraSettings, explicit_targets: bool 
     for path, m, slot in uses:
         if not _is_target(path, m, settings):
             continue
+        if isinstance(m, QuantizedLinear):
+            raise ValueError(
+                f"LoRA target matches {path}, a quantised linear; adapters go on float weights: load the float "
+                "checkpoint with adapter= and quantize= together (adapters are merged before quantising)"
+            )
         if type(m) is not nn.Linear:
             raise ValueError(
                 f"LoRA target matches {path}, a {type(m).__name__}; only linear layers (nn.Linear) take an adapter "
@@ -257,7 +195,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings, explicit_targets: bool 
         base = getattr(parent, child)
         slots = [s for _, s in picked]
         if slots[0] is None:
-            wrapped: _LoraBase = LoraLinear(base, settings.r, settings.scaling, settings.dropout)
+            wrapped: LoraBase = LoraLinear(base, settings.r, settings.scaling, settings.dropout)
         else:
             wrapped = SlotLoraLinear(base, settings.r, settings.scaling, settings.dropout, sorted(slots))
         setattr(parent, child, wrapped)
@@ -336,6 +274,38 @@ def unmerge_lora(model: nn.Module) -> None:
         A, B = (m.lora_A, m.lora_B) if slot is None else (m.lora_A[str(slot)], m.lora_B[str(slot)])
         m._merge_factors(A, B, -1.0)
         m.merged = False
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module) -> list[str]:
+    """merge_lora, then plain nn.Linear layers holding the merged weights in place of the merged wrappers (for
+    inference and quantisation; there is no unmerging after this). Adapters that cannot merge (per-use ones on
+    a shared block serving several hybrid layers, see merge_lora) stay; their PEFT paths are returned."""
+    kept = merge_lora(model)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoraBase) and m.merged:
+            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            plain.weight, plain.bias = m.weight, m.bias
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, plain)
+    return kept
+
+
+def attach_adapter(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    quantize: str | None = None,
+    quantize_group_size: int = 64,
+    progress: bool = False,
+) -> list[str]:
+    """What `from_pretrained(..., adapter=folder)` does after loading: load the adapter, frozen and unmerged
+    (the same numbers as PEFT on transformers). With `quantize`, the adapters are merged into the float
+    weights first and the result quantised; those that cannot merge stay in float beside it."""
+    paths = load_adapter(model, folder)
+    if quantize is not None:
+        merge_and_unload(model)
+        model.quantize(quantize, group_size=quantize_group_size, progress=progress)
+    return paths
 
 
 # ---- state dicts in PEFT's key names -------------------------------------------------------------
