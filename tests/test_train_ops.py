@@ -74,3 +74,54 @@ def test_autograd_scan_with_documents_equals_plain_autograd(chunk, monkeypatch):
     _close("state", s1, s0)
     for k in g0:
         _close(f"d{k}", g1[k], g0[k])
+
+
+@pytest.mark.parametrize("block", [1 << 22, 300])  # one block of rows, or blocks of 3 rows at a vocabulary of 100
+def test_fused_linear_cross_entropy_equals_plain(block, monkeypatch):
+    from zamba2.ops import loss as lossmod
+
+    monkeypatch.setattr(lossmod, "BLOCK_VALUES", block)
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(2, 9, 16, generator=g)
+    w = torch.randn(100, 16, generator=g) * 0.3
+    labels = torch.randint(0, 100, (2, 9), generator=g)
+    labels[0, 3] = labels[1, 5] = -100
+    grads = []
+    for fused in (False, True):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        if fused:
+            value = lossmod.fused_linear_cross_entropy(hh, ww, labels)
+        else:
+            value = lossmod.causal_lm_loss(torch.nn.functional.linear(hh, ww), labels)
+        (value * 1.7).backward()  # an upstream gradient other than 1
+        grads.append((value.detach(), hh.grad, ww.grad))
+    for name, a, b in zip(("loss", "dh", "dweight"), grads[1], grads[0], strict=True):
+        _close(name, a, b)
+
+
+def test_fused_loss_in_the_model_equals_plain(monkeypatch):
+    """loss_only=True: the same loss and every parameter's gradient as the default path (fp32, padded batch,
+    tied lm_head), logits None."""
+    from zamba2.config import Zamba2Config
+    from zamba2.model import Zamba2ForCausalLM
+    from zamba2.ops import loss as lossmod
+
+    monkeypatch.setattr(lossmod, "BLOCK_VALUES", 32000 * 5)  # blocks of 5 rows
+    torch.manual_seed(0)
+    model = Zamba2ForCausalLM(Zamba2Config.preset("tiny")).train()
+    ids = torch.randint(3, 32000, (2, 13))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    results = []
+    for loss_only in (False, True):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, attention_mask=mask, labels=labels, loss_only=loss_only)
+        out.loss.backward()
+        assert (out.logits is None) == loss_only
+        results.append((out.loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    _close("loss", results[1][0], results[0][0])
+    for k, g in results[0][1].items():
+        _close(k, results[1][1][k], g)
+    with pytest.raises(ValueError, match="needs labels"):
+        model(ids, loss_only=True)

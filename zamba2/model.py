@@ -26,6 +26,7 @@ from zamba2.generation import generate, generate_iter
 from zamba2.layers.attention import AttentionMask
 from zamba2.layers.blocks import HybridLayer, MambaLayer, SharedBlock
 from zamba2.layers.mamba2 import Mamba2Mixer
+from zamba2.ops.loss import causal_lm_loss, fused_linear_cross_entropy
 from zamba2.ops.norms import GatedRMSNorm, RMSNorm
 from zamba2.ops.rope import rope_tables
 from zamba2.packing import packed_documents
@@ -394,13 +395,6 @@ def _keep_positions(h: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torc
     return h[:, logits_to_keep]
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy in fp32: logits at t predict labels at t + 1; -100 is ignored."""
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
-
-
 class Zamba2ForCausalLM(Zamba2PreTrainedModel):
     def __init__(self, config: Zamba2Config) -> None:
         super().__init__()
@@ -427,13 +421,23 @@ class Zamba2ForCausalLM(Zamba2PreTrainedModel):
         return_dict: bool = True,
         cache_position: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        *,
+        loss_only: bool = False,
     ) -> CausalLMOutputWithPast | tuple:
+        """The transformers arguments, plus `loss_only=True` for training loops: with `labels`, the loss comes
+        from the fused lm_head + cross entropy (zamba2/ops/loss.py, which never holds the (T, vocab) logits) and
+        `logits` is None. Same loss and gradients as the default path up to rounding."""
+        if loss_only and labels is None:
+            raise ValueError("loss_only=True needs labels: it returns the loss instead of the logits")
         base = self.model(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
             output_attentions, output_hidden_states, True, cache_position,
         )  # fmt: skip
-        logits = self.lm_head(_keep_positions(base.last_hidden_state, logits_to_keep))
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        if loss_only:
+            logits, loss = None, fused_linear_cross_entropy(base.last_hidden_state, self.lm_head.weight, labels)
+        else:
+            logits = self.lm_head(_keep_positions(base.last_hidden_state, logits_to_keep))
+            loss = causal_lm_loss(logits, labels) if labels is not None else None
         out = CausalLMOutputWithPast(loss, logits, base.past_key_values, base.hidden_states, base.attentions)
         return out if return_dict else out.to_tuple()
 
