@@ -125,3 +125,94 @@ def test_fused_loss_in_the_model_equals_plain(monkeypatch):
         _close(k, results[1][1][k], g)
     with pytest.raises(ValueError, match="needs labels"):
         model(ids, loss_only=True)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_gated_norm_autograd_equals_plain(weight_dtype, monkeypatch):
+    from zamba2.ops import norms
+
+    g = torch.Generator().manual_seed(8)
+    y, gate = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    w = (torch.rand(16, generator=g) + 0.5).to(weight_dtype)
+    dout = torch.randn(2, 5, 16, generator=g)
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(norms, "FUSED_BACKWARD", fused)
+        leaves = [t.clone().requires_grad_() for t in (y, gate, w)]
+        out = norms.gated_rms_norm(*leaves, 8, 1e-5, torch.float32)
+        (out * dout).sum().backward()
+        results.append((out.detach(), *(t.grad for t in leaves)))
+    for name, a, b in zip(("out", "dy", "dgate", "dweight"), results[1], results[0], strict=True):
+        assert a.dtype == b.dtype, name
+        _close(name, a.float(), b.float(), tol=1e-5 if weight_dtype == torch.float32 else 1e-2)
+
+
+def test_gated_norm_autograd_under_autocast_gives_what_the_next_linear_sees():
+    """Under bf16 autocast the fused norm returns bf16 where the plain path returns fp32; out_proj casts that to
+    bf16 anyway, so its output is the same."""
+    from zamba2.ops import norms
+
+    g = torch.Generator().manual_seed(9)
+    y = torch.randn(1, 6, 32, generator=g, requires_grad=True)
+    gate = torch.randn(1, 6, 32, generator=g).bfloat16()
+    w = torch.rand(32, generator=g) + 0.5
+    lin = torch.randn(8, 32, generator=g)
+    outs = []
+    for fused in (False, True):
+        norms.FUSED_BACKWARD = fused
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                n = norms.gated_rms_norm(y, gate, w, 16, 1e-5, torch.bfloat16)
+                outs.append((n.dtype, torch.nn.functional.linear(n, lin)))
+        finally:
+            norms.FUSED_BACKWARD = True
+    assert outs[0][0] == torch.float32 and outs[1][0] == torch.bfloat16
+    assert torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("documents", [False, True])
+def test_conv_silu_autograd_equals_plain(documents):
+    from zamba2.ops import conv
+
+    g = torch.Generator().manual_seed(10)
+    b, T, Ch, K = 2, 11, 6, 4
+    x, w, bias = torch.randn(b, T, Ch, generator=g), torch.randn(Ch, K, generator=g), torch.randn(Ch, generator=g)
+    seq_idx = torch.tensor([[0] * 3 + [1] + [2] * 7, [0] * 11]) if documents else None
+    dout = torch.randn(b, T, Ch, generator=g)
+    results = []
+    for fused in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, w, bias)]
+        if fused:
+            out = conv.conv_silu(*leaves, seq_idx)
+        else:
+            out = torch.nn.functional.silu(conv.conv_full(*leaves, None, seq_idx)[0])
+        (out * dout).sum().backward()
+        results.append((out.detach(), *(t.grad for t in leaves)))
+    for name, a, c in zip(("out", "dx", "dweight", "dbias"), results[1], results[0], strict=True):
+        _close(name, a, c)
+
+
+def test_model_gradients_with_all_fast_paths_equal_plain(monkeypatch):
+    """The whole model, fp32, padded and packed rows: every fused backward on against all of them off."""
+    from zamba2.config import Zamba2Config
+    from zamba2.model import Zamba2ForCausalLM
+    from zamba2.ops import conv, norms
+
+    torch.manual_seed(1)
+    model = Zamba2ForCausalLM(Zamba2Config.preset("tiny", chunk_size=4)).train()
+    ids = torch.randint(3, 32000, (2, 19))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    position_ids = torch.cat([torch.arange(7), torch.arange(12)])[None].expand(2, -1)
+    results = []
+    for fused in (False, True):
+        for mod in (ssd, norms, conv):
+            monkeypatch.setattr(mod, "FUSED_BACKWARD", fused)
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, attention_mask=mask, labels=ids, use_cache=False).loss
+        loss = loss + model(ids[:1], position_ids=position_ids[:1], labels=ids[:1], use_cache=False).loss
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    _close("loss", results[1][0], results[0][0])
+    for k, g in results[0][1].items():
+        _close(k, results[1][1][k], g)

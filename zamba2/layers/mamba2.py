@@ -14,8 +14,8 @@ from torch import nn
 
 from zamba2.cache import HybridCache
 from zamba2.config import Zamba2Config
-from zamba2.ops import compiled
-from zamba2.ops.conv import conv_full, conv_step
+from zamba2.ops import compiled, conv
+from zamba2.ops.conv import conv_step
 from zamba2.ops.norms import GatedRMSNorm, gated_rms_norm
 from zamba2.ops.ssd import ssd_chunked, ssd_step, ssd_step_fused
 
@@ -86,8 +86,12 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self.in_proj(x).split([self.I, self.conv_dim, self.H], dim=-1)
         continuing = cache is not None and cache.seq_len > 0
         conv_state = cache.conv_states[self.layer_idx] if continuing else None
-        xBC, new_conv_state = conv_full(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, seq_idx)
-        xBC = F.silu(xBC)
+        w, bias = self.conv1d.weight[:, 0], self.conv1d.bias
+        if cache is None and conv.FUSED_BACKWARD and torch.is_grad_enabled() and (xBC.requires_grad or w.requires_grad):
+            xBC, new_conv_state = conv.conv_silu(xBC, w, bias, seq_idx), None  # training: the fused backward
+        else:
+            xBC, new_conv_state = conv.conv_full(xBC, w, bias, conv_state, seq_idx)
+            xBC = F.silu(xBC)
         if m is not None:
             xBC = xBC * m  # zero again: the conv bias made padding positions non-zero
         xs, Bm, Cm = xBC.split([self.I, self.G * self.N, self.G * self.N], dim=-1)

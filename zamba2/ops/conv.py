@@ -40,6 +40,56 @@ def conv_full(
     return out.transpose(1, 2), window[..., -(K - 1) :]
 
 
+# With autograd and no state (training), the mixer's conv + SiLU runs as one autograd function (`conv_silu`) that
+# keeps only its input and recomputes the conv in backward. Tests turn this off to compare with the plain path.
+FUSED_BACKWARD = True
+
+
+def conv_silu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None = None
+) -> torch.Tensor:
+    """silu(conv_full(x, weight, bias, None, seq_idx)[0]) with a fused backward: x (B, T, C), weight (C, K)."""
+    return _ConvSilu.apply(x, weight, bias, seq_idx)
+
+
+class _ConvSilu(torch.autograd.Function):
+    """Forward as `conv_full` + SiLU. Backward in fp32 over time-major taps, window[t] = x[t - (K-1)]:
+    pre_t = b + sum_k w_k window[t+k],  dpre = dout silu'(pre),  dw_k = sum_t dpre_t window[t+k],
+    dwindow[t+k] += w_k dpre_t, db = sum_t dpre_t; with `seq_idx` each tap that crosses a document start is 0."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, seq_idx):
+        ctx.save_for_backward(x, weight, bias, seq_idx)
+        return F.silu(conv_full(x, weight, bias, None, seq_idx)[0])
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias, seq_idx = ctx.saved_tensors
+        b, T, Ch = x.shape
+        K = weight.shape[-1]
+        window = torch.cat([x.new_zeros(b, K - 1, Ch, dtype=torch.float32), x.float()], dim=1)  # (B, K-1+T, C)
+        w = weight.float()
+        same = [None] * K  # (B, T, 1) 0/1 per tap with documents; tap K-1 reads the position itself
+        if seq_idx is not None:
+            docs = torch.cat([seq_idx[:, :1].expand(b, K - 1), seq_idx], dim=1)
+            same[: K - 1] = [(docs[:, k : k + T] == seq_idx)[..., None].float() for k in range(K - 1)]
+        taps = [window[:, k : k + T] if same[k] is None else window[:, k : k + T] * same[k] for k in range(K)]
+        pre = taps[K - 1] * w[:, K - 1]
+        for k in range(K - 1):
+            pre.addcmul_(taps[k], w[:, k])
+        if bias is not None:
+            pre += bias.float()
+        sig = torch.sigmoid(pre)
+        dpre = pre.mul_(1 - sig).add_(1).mul_(sig).mul_(dout)  # silu'(pre) dout, in pre's buffer
+        dw = torch.stack([(dpre * taps[k]).sum((0, 1)) for k in range(K)], dim=-1)  # (C, K)
+        dwin = torch.zeros_like(window)
+        for k in range(K):
+            g = dpre * w[:, k] if same[k] is None else dpre * w[:, k] * same[k]
+            dwin[:, k : k + T] += g
+        db = dpre.sum((0, 1)).to(bias.dtype) if bias is not None else None
+        return dwin[:, K - 1 :].to(x.dtype), dw.to(weight.dtype), db, None
+
+
 def conv_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
     """Decode path. x (B, C); `state` (B, C, K-1) is shifted in place. Returns (B, C) before activation."""
     window = torch.cat([state, x[..., None].to(state.dtype)], dim=-1)  # (B, C, K)

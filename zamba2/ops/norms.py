@@ -41,11 +41,18 @@ class GatedRMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"
 
 
+# With autograd, the gated norm runs as one autograd function (`_GatedNorm`) that keeps y, the gate and the
+# per-group 1/RMS and recomputes the rest in backward. Tests turn this off to compare with the plain path.
+FUSED_BACKWARD = True
+
+
 def gated_rms_norm(
     y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """weight * groupnorm(y * silu(gate)); y, gate (..., I); the RMS is taken over groups of `group_size`."""
     if torch.is_grad_enabled() and (y.requires_grad or gate.requires_grad or weight.requires_grad):
+        if FUSED_BACKWARD:
+            return _GatedNorm.apply(y, gate, weight, group_size, eps, out_dtype)
         h = y.float() * F.silu(gate.float())  # (..., I)
         # x * rsqrt(mean(x^2) + eps) over each group (F.rms_norm; on CPU it decomposes into the same ops)
         g = F.rms_norm(h.view(*h.shape[:-1], -1, group_size), (group_size,), eps=eps)  # (..., G, I/G)
@@ -56,3 +63,44 @@ def gated_rms_norm(
     hg = h.view(*h.shape[:-1], -1, group_size)  # (..., G, I/G)
     out = hg.mul_(torch.rsqrt(hg.square().mean(-1, keepdim=True).add_(eps))).view(h.shape).to(out_dtype)
     return out.mul_(weight) if weight.dtype == out_dtype else weight * out
+
+
+class _GatedNorm(torch.autograd.Function):
+    """h = y silu(z), g = h r per group with r = 1 / RMS(h), out = w g. Backward, per group of n channels:
+    dg = w dout, dh = r (dg - g mean(dg g)), dy = dh silu(z), dz = dh y silu'(z), dw = sum over rows of dout g.
+
+    The output is in promote(w, out_dtype), as `weight * g.to(out_dtype)` gives, except under autocast, where an
+    fp32 result would only be cast to the autocast dtype by the next linear: it is returned in that dtype then
+    (the same value that linear sees, without keeping an fp32 (T, I) copy)."""
+
+    @staticmethod
+    def forward(ctx, y, gate, weight, group_size: int, eps: float, out_dtype: torch.dtype):
+        h = F.silu(gate.float()).mul_(y)
+        hg = h.view(*h.shape[:-1], -1, group_size)  # (..., G, n)
+        r = torch.rsqrt(hg.square().mean(-1, keepdim=True).add_(eps))  # (..., G, 1)
+        g = hg.mul_(r).view(h.shape).to(out_dtype)
+        dtype = torch.promote_types(weight.dtype, out_dtype)
+        device = y.device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == out_dtype:
+            dtype = out_dtype
+        ctx.save_for_backward(y, gate, weight, r)
+        ctx.group_size, ctx.y_dtype = group_size, y.dtype
+        return (weight * g).to(dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, gate, weight, r = ctx.saved_tensors
+        n = ctx.group_size
+        zf = gate.float()
+        sig = torch.sigmoid(zf)
+        s = zf * sig  # silu(z)
+        yf = y.float()
+        g = (yf * s).view(*y.shape[:-1], -1, n).mul_(r)  # (..., G, n) fp32
+        do = dout.float()
+        dw = (do.view(g.shape) * g).reshape(-1, y.shape[-1]).sum(0)
+        dg = (do * weight.float()).view(g.shape)
+        dh = (dg - g * (dg * g).mean(-1, keepdim=True)).mul_(r).view(y.shape)
+        dy = (dh * s).to(ctx.y_dtype)
+        # silu'(z) = sig (1 + z (1 - sig)); zf may be the gate itself (fp32), so it is not written to
+        dz = dh.mul_(yf).mul_(sig.mul_(zf * (1 - sig) + 1)).to(gate.dtype)
+        return dy, dz, dw.to(weight.dtype), None, None, None
