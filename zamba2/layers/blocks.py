@@ -66,7 +66,9 @@ class SharedBlock(nn.Module):
         inv_rms = self.input_layernorm.inv_rms(cat)
         x = self.input_layernorm(cat, inv_rms)
         parts = None
-        if emb_parts is not None and self.self_attn.can_split:
+        # Only a block used more than once per forward gains from the split: with one use it computes the same
+        # products in two halves, and in training the two weight-slice gradients cost a zero-filled copy each.
+        if emb_parts is not None and len(self.slots) > 1 and self.self_attn.can_split:
             parts = emb_parts.get(self)
             if parts is None:
                 w_e = self.input_layernorm.weight[h.shape[-1] :]
