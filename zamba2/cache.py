@@ -16,9 +16,25 @@ caller goes past `max_length` (generation sizes the cache up front, so this neve
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from zamba2.config import Zamba2Config
+
+
+@dataclass(frozen=True)
+class CacheShapes:
+    """Widths of the cached tensors: the config's, or one tensor-parallel rank's share of them (its Mamba
+    heads and conv channels, its K/V heads; see zamba2/tensor_parallel.py)."""
+
+    conv_dim: int  # I + 2GN
+    mamba_heads: int  # H
+    kv_heads: int  # nkv
+
+    @classmethod
+    def of(cls, config: Zamba2Config) -> CacheShapes:
+        return cls(config.mamba_conv_dim, config.n_mamba_heads, config.num_key_value_heads)
 
 
 class HybridCache:
@@ -29,21 +45,23 @@ class HybridCache:
         max_length: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        shapes: CacheShapes | None = None,
     ) -> None:
         if batch_size <= 0 or max_length <= 0:
             raise ValueError(f"batch_size and max_length must be positive, got {batch_size}, {max_length}")
         self.config = config
+        shapes = shapes or CacheShapes.of(config)
         L = config.num_hidden_layers
         J = len(config.hybrid_layer_ids)
         d = config.attention_head_dim
         self.conv_states = torch.zeros(
-            L, batch_size, config.mamba_conv_dim, config.mamba_d_conv - 1, dtype=dtype, device=device
+            L, batch_size, shapes.conv_dim, config.mamba_d_conv - 1, dtype=dtype, device=device
         )
         self.ssm_states = torch.zeros(
-            L, batch_size, config.n_mamba_heads, config.mamba_headdim, config.mamba_d_state,
+            L, batch_size, shapes.mamba_heads, config.mamba_headdim, config.mamba_d_state,
             dtype=torch.float32, device=device,
         )  # fmt: skip
-        self.keys = torch.zeros(J, batch_size, config.num_key_value_heads, max_length, d, dtype=dtype, device=device)
+        self.keys = torch.zeros(J, batch_size, shapes.kv_heads, max_length, d, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
         self.key_mask = torch.ones(batch_size, max_length, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)

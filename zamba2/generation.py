@@ -141,7 +141,7 @@ def generate_iter(
     seen[:, :T] = True if attention_mask is None else attention_mask.to(torch.bool)
     use_history = params.repetition_penalty != 1.0 or params.presence_penalty != 0 or params.frequency_penalty != 0
 
-    cache = HybridCache(config, b, total, dtype=model.dtype, device=device)
+    cache = model.model.new_cache(b, total, device=device)
     logits = prefill(model, input_ids, attention_mask, cache)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     stop_tail = max((len(s) for s in stop_strings), default=0) if stop_strings else 0

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from zamba2.cache import HybridCache
+from zamba2.cache import CacheShapes, HybridCache
 from zamba2.config import Zamba2Config
 from zamba2.generation import generate, generate_iter
 from zamba2.layers.attention import AttentionMask
@@ -235,8 +235,12 @@ class Zamba2Model(Zamba2PreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
 
-    def new_cache(self, batch_size: int, max_length: int) -> HybridCache:
-        return HybridCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device)
+    # Tensor parallelism (zamba2/tensor_parallel.py) sets this: each rank caches only its own heads.
+    cache_shapes: CacheShapes | None = None
+
+    def new_cache(self, batch_size: int, max_length: int, device: torch.device | None = None) -> HybridCache:
+        device = self.device if device is None else device
+        return HybridCache(self.config, batch_size, max_length, self.dtype, device, self.cache_shapes)
 
     def _attention_mask(
         self, mask: torch.Tensor | None, T: int, cache: HybridCache | None, device, seq_idx: torch.Tensor | None

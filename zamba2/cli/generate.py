@@ -4,6 +4,7 @@ and stream the generated text to stdout with a statistics line on stderr."""
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 from collections.abc import Iterator
@@ -65,6 +66,7 @@ class Loaded:
     model: Any  # Zamba2ForCausalLM
     tokenizer: Any  # zamba2.tokenizer.Tokenizer
     eos: list[int]  # every end-of-sequence id the checkpoint names
+    rank: int = 0  # tensor-parallel rank (--tp): only rank 0 prints
 
 
 def _load(folder: Path, tokenizer, args: argparse.Namespace) -> Loaded:
@@ -72,16 +74,32 @@ def _load(folder: Path, tokenizer, args: argparse.Namespace) -> Loaded:
 
     device = _device(args.device)
     progress = not args.quiet
+    tp, rank = getattr(args, "tp", 1), 0
+    if tp > 1:
+        from zamba2 import tensor_parallel
+
+        if args.quantize:
+            raise UsageError("--tp cannot be combined with --quantize (tensor parallelism needs float weights)")
+        ctx = tensor_parallel.join_tensor_parallel(tp, device)
+        device, rank, progress = ctx.device, ctx.rank, progress and ctx.rank == 0
+    else:
+        from zamba2.train.distributed import world_size_from_env
+
+        if world_size_from_env() > 1:
+            world = world_size_from_env()
+            raise UsageError(f"WORLD_SIZE is {world} (torchrun?) but --tp is 1; pass --tp {world} to shard the model")
     model = Zamba2ForCausalLM.from_pretrained(
         folder, dtype=args.dtype, device=device, quantize=args.quantize, progress=progress, adapter=args.adapter
     )
+    if tp > 1:
+        tensor_parallel.parallelize(model, ctx.mesh)
     if args.compile:
         from zamba2.ops import compiled
 
         compiled.enable(True)
     from zamba2.checkpoint import eos_token_ids
 
-    return Loaded(folder, model, tokenizer, eos_token_ids(folder, model.config.eos_token_id, tokenizer))
+    return Loaded(folder, model, tokenizer, eos_token_ids(folder, model.config.eos_token_id, tokenizer), rank)
 
 
 def _check_ids(ids: list[int], loaded: Loaded) -> None:
@@ -239,9 +257,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("the prompt is empty (and --no-bos leaves no token to start from)")
     loaded = _load(folder, tokenizer, args)
     _check_ids(ids, loaded)
-    _, stats, _ = stream(loaded, ids, s, _generator(s.seed, loaded.model.device), sys.stdout)
-    if not args.quiet:
+    out = sys.stdout
+    if args.tp > 1:  # every rank runs the same steps with the same seed; rank 0 prints
+        from zamba2.tensor_parallel import common_seed
+
+        s.seed = common_seed(s.seed)
+        out = sys.stdout if loaded.rank == 0 else io.StringIO()
+    _, stats, _ = stream(loaded, ids, s, _generator(s.seed, loaded.model.device), out)
+    if not args.quiet and loaded.rank == 0:
         print(stats.line(), file=sys.stderr, flush=True)
+    if args.tp > 1:
+        from zamba2.train.distributed import shutdown
+
+        shutdown()
     return 0
 
 

@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--system", metavar="TEXT", help="system message (with --chat)")
     gen.add_argument("--no-bos", action="store_true", help="do not prepend the bos token (plain prompts)")
+    gen.add_argument("--tp", type=_number(int, 1, what=">= 1"), default=1, metavar="N",
+                     help="tensor parallel over N processes (torchrun --nproc-per-node N); default 1")  # fmt: skip
     _model_args(gen)
     _sampling_args(gen)
     _common(gen)
