@@ -69,6 +69,18 @@ class Loaded:
     rank: int = 0  # tensor-parallel rank (--tp): only rank 0 prints
 
 
+def _check_world(tp: int) -> None:
+    """--tp N must match the number of processes torchrun started (WORLD_SIZE), and one process has no --tp."""
+    from zamba2.train.distributed import world_size_from_env
+
+    world = world_size_from_env()
+    if tp > 1 and world != tp:
+        how = f"launch with: torchrun --nproc-per-node {tp} -m zamba2 generate --tp {tp} ..."
+        raise UsageError(f"--tp {tp} needs {tp} processes but WORLD_SIZE is {world}; {how}")
+    if tp == 1 and world > 1:
+        raise UsageError(f"WORLD_SIZE is {world} (torchrun?) but --tp is 1; pass --tp {world} to shard the model")
+
+
 def _load(folder: Path, tokenizer, args: argparse.Namespace) -> Loaded:
     from zamba2.model import Zamba2ForCausalLM
 
@@ -82,12 +94,6 @@ def _load(folder: Path, tokenizer, args: argparse.Namespace) -> Loaded:
             raise UsageError("--tp cannot be combined with --quantize (tensor parallelism needs float weights)")
         ctx = tensor_parallel.join_tensor_parallel(tp, device)
         device, rank, progress = ctx.device, ctx.rank, progress and ctx.rank == 0
-    else:
-        from zamba2.train.distributed import world_size_from_env
-
-        if world_size_from_env() > 1:
-            world = world_size_from_env()
-            raise UsageError(f"WORLD_SIZE is {world} (torchrun?) but --tp is 1; pass --tp {world} to shard the model")
     model = Zamba2ForCausalLM.from_pretrained(
         folder, dtype=args.dtype, device=device, quantize=args.quantize, progress=progress, adapter=args.adapter
     )
@@ -241,6 +247,7 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    _check_world(args.tp)
     s = _sampling(args)
     if args.system is not None and not args.chat:
         raise UsageError("--system needs --chat")
