@@ -3,13 +3,15 @@
 FSDP2 training equals one process on the same global batch; a sharded checkpoint written by 2 ranks resumes on
 1 and on 2 ranks to the same weights; the consolidated folder loads anywhere with the sharded model's logits;
 tensor-parallel logits equal the unsharded model's; a stuck rank ends the job within the process-group timeout.
-The worker side of each case is tests/dist_workers.py.
+The worker side of the library-level cases is tests/dist_workers.py; the `zamba2 train` cases run the real
+command under torchrun against the same run in one process.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ from safetensors.torch import load_file
 
 from tests import dist_workers as W
 from zamba2.model import Zamba2ForCausalLM
+from zamba2.train import TrainConfig, state, train
 from zamba2.train import distributed as D
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,13 +97,6 @@ def test_sharded_checkpoint_resumes_on_one_process(fsdp_run):
     assert diff <= 1e-5, f"{key}: {diff}"
 
 
-def test_sharded_checkpoint_resumes_on_two_ranks(fsdp_run, tmp_path):
-    run_worker("fsdp", str(tmp_path), str(fsdp_run / f"step{W.SAVE_AT}"))
-    diff, key = max_diff(weights(tmp_path / "final"), weights(fsdp_run / "final"))
-    print(f"resumed on 2 ranks vs uninterrupted: max |diff| {diff:.2e} at {key}")
-    assert diff <= 1e-5, f"{key}: {diff}"
-
-
 def test_fsdp_mixed_precision_keeps_fp32_master_weights(fsdp_run):
     mixed = json.loads((fsdp_run / "mixed.json").read_text())
     assert mixed["param_dtypes"] == ["torch.float32"]
@@ -161,3 +157,102 @@ def test_generate_tp_without_torchrun_says_how_to_launch(capsys, monkeypatch):
     code = main(["generate", "--tp", "2", "--model", str(ROOT / "nonexistent"), "hi"])
     err = capsys.readouterr().err
     assert code == 2 and "needs 2 processes but WORLD_SIZE is 1" in err and "torchrun --nproc-per-node 2" in err, err
+
+
+# ---- `zamba2 train` under torchrun ---------------------------------------------------------------
+
+LINES = [
+    "To be, or not to be, that is the question.",
+    "Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune.",
+    "Or to take arms against a sea of troubles, and by opposing end them.",
+]
+TRAIN = dict(config="tiny", seq_len=32, batch_size=4, steps=5, save_every=3, lr=3e-3, warmup=2, seed=1)
+
+
+def train_args(out: Path, data: Path, tok: Path, *extra: str) -> list[str]:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TRAIN.items()]
+    return ["-m", "zamba2", "train", *flags, f"--data={data}", f"--tokenizer={tok}", f"--out={out}", "--quiet", *extra]
+
+
+def train_here(out: Path, data: Path, tok: Path, resume: bool = False) -> None:
+    train(TrainConfig(out=str(out), data=str(data), tokenizer=str(tok), resume=resume, progress=False, **TRAIN))
+
+
+def losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def rewind(src: Path, dst: Path, step: int) -> Path:
+    """A copy of run `src` whose newest checkpoint is `step` (the later ones and the result removed)."""
+    shutil.copytree(src / "checkpoints", dst / "checkpoints")
+    for later in (dst / "checkpoints").glob("step-*"):
+        if later.name > state.checkpoint_name(step):
+            shutil.rmtree(later)
+    (dst / "checkpoints" / "latest").write_text(state.checkpoint_name(step) + "\n")
+    shutil.copytree(src / "data-cache", dst / "data-cache")
+    (dst / "metrics.jsonl").write_text("")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def train_runs(tmp_path_factory) -> dict[str, Path]:
+    """The same 5-step run in one process and under torchrun with 2 ranks (checkpoints at steps 3 and 5)."""
+    root = tmp_path_factory.mktemp("train")
+    tok, data = root / "tok", root / "corpus"
+    tok.mkdir()
+    shutil.copyfile(ROOT / "tests" / "fixtures" / "mistral-v0.1-tokenizer.model", tok / "tokenizer.model")
+    data.mkdir()
+    for i in range(6):
+        (data / f"doc{i}.txt").write_text("\n".join(LINES[(i + k) % 3] for k in range(12)) + "\n")
+    train_here(root / "one", data, tok)
+    proc = torchrun(*train_args(root / "two", data, tok))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"one": root / "one", "two": root / "two", "tok": tok, "data": data, "root": root}
+
+
+def test_train_two_ranks_equals_one_process(train_runs):
+    one, two = train_runs["one"], train_runs["two"]
+    diff, key = max_diff(load_file(str(two / "model.safetensors")), load_file(str(one / "model.safetensors")))
+    print(f"zamba2 train, 2 ranks vs 1 process, {TRAIN['steps']} steps: max |diff| {diff:.2e} at {key}")
+    print("losses", losses(one), losses(two))
+    assert diff <= 1e-5, f"{key}: {diff}"
+    assert all(abs(losses(one)[s] - losses(two)[s]) <= 1e-4 for s in losses(one))
+    assert (two / "checkpoints" / "step-000003" / "sharded" / ".metadata").is_file()
+
+
+def test_train_sharded_checkpoint_resumes_on_one_and_on_two_ranks(train_runs, tmp_path):
+    two = train_runs["two"]
+    on_one = rewind(two, tmp_path / "on_one", 3)
+    train_here(on_one, train_runs["data"], train_runs["tok"], resume=True)
+    on_two = rewind(two, tmp_path / "on_two", 3)
+    proc = torchrun(*train_args(on_two, train_runs["data"], train_runs["tok"], "--resume"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    final = load_file(str(two / "model.safetensors"))
+    for run in (on_one, on_two):
+        diff, key = max_diff(load_file(str(run / "model.safetensors")), final)
+        print(f"{run.name}: resumed at step 3 vs uninterrupted: max |diff| {diff:.2e} at {key}; {losses(run)}")
+        assert diff <= 1e-5, f"{run.name} {key}: {diff}"
+        assert sorted(losses(run)) == [4, 5]
+        assert all(abs(losses(run)[s] - losses(two)[s]) <= 1e-4 for s in (4, 5)), (losses(run), losses(two))
+
+
+def test_train_consolidated_result_loads_in_one_process_and_in_transformers(train_runs):
+    import transformers
+
+    one, two = train_runs["one"], train_runs["two"]
+    ids = torch.randint(3, 32000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = Zamba2ForCausalLM.from_pretrained(two, progress=False).eval()(ids).logits
+        alone = Zamba2ForCausalLM.from_pretrained(one, progress=False).eval()(ids).logits
+        theirs = transformers.Zamba2ForCausalLM.from_pretrained(two).eval()(ids).logits
+    print(f"2-rank result vs 1-process result {(ours - alone).abs().max():.2e}, vs transformers "
+          f"{(ours - theirs).abs().max():.2e}")  # fmt: skip
+    assert (ours - alone).abs().max() <= 1e-4
+    assert (ours - theirs).abs().max() <= 1e-4
+
+
+def test_train_refuses_a_batch_the_ranks_cannot_share(train_runs, tmp_path):
+    proc = torchrun(*train_args(tmp_path / "odd", train_runs["data"], train_runs["tok"], "--batch-size=3"))
+    assert proc.returncode != 0
+    assert "--batch-size 3 (the global batch) must be divisible by WORLD_SIZE 2" in proc.stderr, proc.stderr[-2000:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zamba2.cli.parser import EXIT_INTERRUPTED, UsageError, _common, _model_name, _number
+from zamba2.cli.parser import EXIT_INTERRUPTED, CommandError, UsageError, _common, _model_name, _number
 
 TRAIN_HELP = """\
 LoRA when --lora-rank is given (only the adapters train; --out gets adapter_config.json and
@@ -60,6 +60,8 @@ def add_parser(sub) -> None:
     r.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=_number(int, 1, what=">= 1"), metavar="N", help="torch CPU threads")
+    r.add_argument("--dist-timeout", type=_number(float, 0, lo_open=True, what="> 0"), default=600.0, metavar="S",
+                   help="torchrun: seconds a rank waits for the others before the job fails (default 600)")  # fmt: skip
     r.add_argument("--plot", action="store_true", help="draw the loss curves to OUT/loss.png (needs matplotlib)")
     _common(p)
 
@@ -79,12 +81,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_batches=args.eval_batches, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         resume=args.resume, grad_checkpointing=args.grad_checkpointing, dtype=args.dtype, device=args.device,
         seed=args.seed, threads=args.threads, plot=args.plot, progress=not args.quiet,
+        dist_timeout=args.dist_timeout,
     )  # fmt: skip
+    from zamba2.train import distributed
+
     try:
         last = train(cfg)
     except TrainingStopped as stop:
         print(f"zamba2: {stop}", file=sys.stderr)
         return EXIT_INTERRUPTED if "interrupted" in str(stop) else 1
+    except RuntimeError as err:  # under torchrun: another rank died or stopped answering
+        if distributed.is_distributed_failure(err):
+            raise CommandError(distributed.describe_failure(err)) from err
+        raise
+    finally:
+        distributed.shutdown()
+    if distributed.rank_from_env() != 0:  # one summary line per job
+        return 0
     if not args.quiet:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
         print(f"trained {last.get('step', 0)} steps -> {args.out} ({shown})", file=sys.stderr)

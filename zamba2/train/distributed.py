@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +66,11 @@ def _env_int(name: str, default: int | None = None) -> int:
 def world_size_from_env() -> int:
     """WORLD_SIZE as torchrun sets it; 1 outside a distributed launch."""
     return _env_int("WORLD_SIZE", 1)
+
+
+def rank_from_env() -> int:
+    """RANK as torchrun sets it; 0 outside a distributed launch."""
+    return _env_int("RANK", 0)
 
 
 def pick_backend(device_type: str) -> str:
@@ -200,6 +205,35 @@ def sharded_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, (p.to_local() if isinstance(p, DTensor) else p)
 
 
+# ---- the training loop's collectives -------------------------------------------------------------
+
+
+def check_batch(batch_size: int, ctx: DistContext) -> None:
+    if batch_size % ctx.world_size:
+        raise ValueError(
+            f"--batch-size {batch_size} (the global batch) must be divisible by WORLD_SIZE {ctx.world_size}: "
+            "each rank takes an equal share of every batch"
+        )
+
+
+def local_rows(rows: list[int], ctx: DistContext) -> list[int]:
+    """This rank's share of a global batch's row indices (a contiguous slice)."""
+    per = len(rows) // ctx.world_size
+    return rows[ctx.rank * per : (ctx.rank + 1) * per]
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_sum(value: float, ctx: DistContext) -> float:
+    """The sum over ranks of a number (fp64, on the backend's device)."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t)
+    return float(t)
+
+
 # ---- checkpoints ---------------------------------------------------------------------------------
 
 
@@ -207,12 +241,8 @@ def save_sharded(folder: str | os.PathLike, model: nn.Module, optimizer: torch.o
     """model (+ optimizer) state with torch.distributed.checkpoint: each rank writes its own shards, keyed by
     the unsharded parameter names, so any number of ranks (or one process) can load it. Collective."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [])
-    state = {"model": model_state}
-    if optimizer is not None:
-        state["optimizer"] = optim_state
+    state = _dcp_state(model, optimizer)
     dcp.save(state, checkpoint_id=str(folder))
 
 
@@ -220,15 +250,12 @@ def load_sharded(folder: str | os.PathLike, model: nn.Module, optimizer: torch.o
     """Load what save_sharded wrote into `model` (FSDP-sharded or plain) and `optimizer`, resharding to this
     job's ranks. Collective when a process group exists. Missing or unexpected keys are an error naming them."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     folder = Path(folder)
     if not (folder / ".metadata").is_file():
         raise FileNotFoundError(f"{folder}: not a torch.distributed.checkpoint folder (no .metadata file)")
-    model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [])
-    state = {"model": model_state}
-    if optimizer is not None:
-        state["optimizer"] = optim_state
+    state = _dcp_state(model, optimizer)
     try:
         with warnings.catch_warnings():  # without a process group DCP loads in this process, as intended
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -237,15 +264,52 @@ def load_sharded(folder: str | os.PathLike, model: nn.Module, optimizer: torch.o
         raise DistributedError(f"{folder}: the sharded checkpoint does not fit this model/optimizer ({err})") from err
     set_state_dict(
         model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
-        optim_state_dict=state.get("optimizer", {}),
+        optim_state_dict=state.get("optimizer", {}), options=_trainable(strict=False),
     )  # fmt: skip
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def _trainable(strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # strict=False on load: the frozen parameters are absent on purpose; every trainable one was asked for
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """{"model": trainable parameters, "optimizer": its state}, keyed by unsharded names (frozen base weights
+    under LoRA are not written: they come from the base checkpoint)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [], options=_trainable())
+    state = {"model": model_state}
+    if optimizer is not None:
+        state["optimizer"] = optim_state
+    return state
+
+
+def full_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """The unsharded model state on CPU, on rank 0 only (other ranks get {}). Collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(model, options=options)
+
+
+def plain_copy(
+    model: nn.Module, build: Callable[[], nn.Module], ctx: DistContext, trainable_only: bool = False
+) -> nn.Module | None:
+    """Rank 0: an unsharded copy of `model` on CPU, made by `build()` (called on the meta device; the same
+    structure, LoRA included) and filled with the gathered weights; other ranks: None. With `trainable_only`
+    only the trained parameters are gathered (a LoRA export), the rest stay on the meta device. Collective."""
+    state = full_state_dict(model, trainable_only)
+    plain = None
+    if ctx.is_main:
+        with torch.device("meta"):
+            plain = build()
+        plain.load_state_dict(state, strict=not trainable_only, assign=True)
+        plain.tie_weights()
+    dist.barrier()
+    return plain
 
 
 def save_consolidated(
@@ -256,11 +320,7 @@ def save_consolidated(
     if ctx is None:
         model.save_pretrained(folder, max_shard_size=max_shard_size)
         return
-    state = full_state_dict(model)
-    if ctx.is_main:
-        with torch.device("meta"):
-            plain = unwrapped_class(model)(model.config)
-        plain.load_state_dict(state, assign=True)
-        plain.tie_weights()
+    plain = plain_copy(model, lambda: unwrapped_class(model)(model.config), ctx)
+    if plain is not None:
         plain.save_pretrained(folder, max_shard_size=max_shard_size)
     dist.barrier()

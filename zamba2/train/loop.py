@@ -1,5 +1,6 @@
 """The training loop: AdamW, linear warm-up then cosine decay, gradient accumulation, clipping, bf16 autocast
-over fp32 master weights, periodic held-out loss, checkpoints with exact resume, JSONL metrics.
+over fp32 master weights, periodic held-out loss, checkpoints with exact resume, JSONL metrics. Under torchrun
+(WORLD_SIZE > 1) the model is sharded with FSDP2 and each rank takes its share of every batch (distributed.py).
 
     step s:  for each of grad_accum micro-batches: loss = model(**batch).loss * (targets_b / targets_step);
              backward.  clip(max_grad_norm); AdamW step; scheduler step.
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from zamba2.train import distributed
 from zamba2.train import state as ckpt
 from zamba2.train.data import IGNORE, DataError, Labelled, Rows, causal_lm_rows
 
@@ -67,6 +69,7 @@ class TrainConfig:
     threads: int | None = None
     plot: bool = False
     progress: bool = True
+    dist_timeout: float = 600.0  # seconds a collective may wait under torchrun before the job gives up
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -113,10 +116,10 @@ def _load_model_and_tokenizer(cfg: TrainConfig):
     return model, Tokenizer.from_pretrained(cfg.tokenizer), None
 
 
-def _dataset(cfg: TrainConfig, path: str, tok, model) -> Rows | Labelled:
+def _dataset(cfg: TrainConfig, path: str, tok, model, cache: bool = True) -> Rows | Labelled:
     if cfg.task == "sequence-classification":
         return Labelled(path, tok, cfg.seq_len, model.config.num_labels, model.config.label2id)
-    return causal_lm_rows(path, tok, cfg.seq_len, Path(cfg.out) / "data-cache")
+    return causal_lm_rows(path, tok, cfg.seq_len, Path(cfg.out) / "data-cache" if cache else None)
 
 
 def _targets(batch: dict[str, torch.Tensor], task: str) -> int:
@@ -152,7 +155,11 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.device = torch.device(cfg.device)
+        self.dist = distributed.init_distributed(cfg.device, cfg.dist_timeout)  # None in one process
+        self.main = self.dist is None or self.dist.is_main  # writes metrics, checkpoints' metadata, the result
+        self.device = torch.device(cfg.device) if self.dist is None else self.dist.device
+        if self.dist is not None:
+            distributed.check_batch(cfg.batch_size, self.dist)
         self.model, self.tok, self.base_name = _load_model_and_tokenizer(cfg)
         self.lora = cfg.lora_rank is not None
         if self.lora:
@@ -163,11 +170,15 @@ class Trainer:
         self.model.to(self.device)
         if cfg.grad_checkpointing:
             self.model.gradient_checkpointing_enable()
+        if self.dist is not None:  # bf16: FSDP gathers bf16 copies of the fp32 shards, reduces in fp32
+            bf16 = torch.bfloat16 if cfg.dtype == "bf16" else None
+            distributed.shard_model(self.model, self.dist, param_dtype=bf16)
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.params:
             raise DataError("nothing to train: every parameter is frozen")
-        self.train_data = _dataset(cfg, cfg.data, self.tok, self.model)
-        self.eval_data = _dataset(cfg, cfg.eval_data, self.tok, self.model) if cfg.eval_data else None
+        # every rank tokenises (the same rows); only rank 0 writes the token cache
+        self.train_data = _dataset(cfg, cfg.data, self.tok, self.model, cache=self.main)
+        self.eval_data = _dataset(cfg, cfg.eval_data, self.tok, self.model, self.main) if cfg.eval_data else None
         self.rows_per_step = cfg.batch_size * cfg.grad_accum
         if cfg.steps is None:
             epochs = cfg.epochs if cfg.epochs is not None else 1.0
@@ -209,7 +220,11 @@ class Trainer:
         if folder is None:
             return  # nothing saved yet: a fresh start
         tensors, self.progress, _ = ckpt.load(folder, self.optimizer, self.scheduler)
-        if self.lora:
+        if (folder / "sharded").is_dir():  # written by N ranks: loads on any number, one process included
+            distributed.load_sharded(folder / "sharded", self.model, self.optimizer)
+        elif self.dist is not None:
+            raise DataError(f"{folder}: written by one process; resume it with one process (no torchrun)")
+        elif self.lora:
             from zamba2.train import lora
 
             lora.load_adapter_state_dict(self.model, tensors)
@@ -224,10 +239,21 @@ class Trainer:
         self._log({"event": "resumed", "step": self.progress.step, "from": str(folder)})
 
     def save_checkpoint(self) -> Path:
+        if self.dist is not None:  # every rank writes its shards, then rank 0 the rest (and the rename)
+            name = ckpt.checkpoint_name(self.progress.step)
+            shards = ckpt.checkpoint_root(self.out) / f".{name}.shards"
+            distributed.save_sharded(shards, self.model, self.optimizer)
+            if self.main:
+                ckpt.save(self.out, None, None, self.scheduler, self.progress, asdict(self.cfg),
+                          self.cfg.keep_checkpoints, sharded=shards)  # fmt: skip
+            distributed.barrier()
+            return ckpt.checkpoint_root(self.out) / name
         return ckpt.save(self.out, self.trainable_state(), self.optimizer, self.scheduler, self.progress,
                          asdict(self.cfg), self.cfg.keep_checkpoints)  # fmt: skip
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
@@ -258,17 +284,27 @@ class Trainer:
         """One optimizer step; returns (mean loss over the step's targets, target tokens)."""
         self.model.train()
         self._step_start = (self.progress.epoch, self.progress.row)
-        batches = [self.train_data.batch(self._next_rows()) for _ in range(self.cfg.grad_accum)]
+        rows = [self._next_rows() for _ in range(self.cfg.grad_accum)]
+        if self.dist is not None:
+            rows = [distributed.local_rows(r, self.dist) for r in rows]
+        batches = [self.train_data.batch(r) for r in rows]
         counts = [_targets(b, self.cfg.task) for b in batches]
-        total = max(1, sum(counts))
+        targets = sum(counts) if self.dist is None else int(distributed.all_sum(sum(counts), self.dist))
+        total = max(1, targets)
+        # FSDP averages gradients over ranks; scaling by the world size makes that the sum over all targets
+        world = 1 if self.dist is None else self.dist.world_size
         loss_sum = 0.0
         for batch, count in zip(batches, counts, strict=True):
             if count == 0:
+                if self.dist is not None:  # every rank must run the same forward/backward collectives
+                    (self._forward(batch).logits.sum() * 0.0).backward()
                 continue
             loss = self._forward(batch).loss
-            scaled = loss * (count / total)
+            scaled = loss * (count * world / total)
             scaled.backward()
             loss_sum += float(loss.detach()) * count
+        if self.dist is not None:
+            loss_sum = distributed.all_sum(loss_sum, self.dist)
         mean = loss_sum / total
         if not math.isfinite(mean):
             raise TrainingStopped(
@@ -281,8 +317,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.progress.step += 1
-        self.progress.tokens += sum(counts)
-        return mean, sum(counts)
+        self.progress.tokens += targets
+        return mean, targets
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -313,7 +349,7 @@ class Trainer:
 
         cfg = self.cfg
         bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="train", unit="step",
-                   disable=not cfg.progress, dynamic_ncols=True)  # fmt: skip
+                   disable=not cfg.progress or not self.main, dynamic_ncols=True)  # fmt: skip
         last: dict[str, Any] = {}
         try:
             while self.progress.step < self.total_steps:
@@ -346,21 +382,36 @@ class Trainer:
             self._log({"step": self.progress.step, **{k: v for k, v in last.items() if k.startswith("eval")}})
         self.save_checkpoint()
         self.export()
-        if cfg.plot:
+        if cfg.plot and self.main:
             from zamba2.train.plot import plot_metrics
 
             plot_metrics(self.metrics_path, self.out / "loss.png")
         return last
 
     def export(self) -> None:
-        """The result in --out: a PEFT adapter folder (LoRA) or a save_pretrained checkpoint (full)."""
+        """The result in --out: a PEFT adapter folder (LoRA) or a save_pretrained checkpoint (full). Under
+        torchrun rank 0 writes it from a gathered copy (the adapters only, with LoRA)."""
+        model = self.model
+        if self.dist is not None:
+            model = distributed.plain_copy(self.model, self._same_structure, self.dist, trainable_only=self.lora)
+            if model is None:
+                return
         if self.lora:
             from zamba2.train import lora
 
-            lora.save_adapter(self.model, self.out, base_model_name_or_path=self.base_name)
+            lora.save_adapter(model, self.out, base_model_name_or_path=self.base_name)
         else:
-            self.model.save_pretrained(self.out)
+            model.save_pretrained(self.out)
         self.tok.save_pretrained(self.out)
+
+    def _same_structure(self):
+        """An empty model shaped like the one trained (LoRA included), for `distributed.plain_copy`."""
+        plain = distributed.unwrapped_class(self.model)(self.model.config)
+        if self.lora:
+            from zamba2.train import lora
+
+            lora.apply_lora(plain, self.model.lora_settings)
+        return plain
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

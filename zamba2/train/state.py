@@ -6,6 +6,8 @@
         state.json              step, data position, scheduler state, metrics so far, the run's settings
         rng.pt                  torch and Python RNG states
     OUT/checkpoints/latest      the name of the newest complete checkpoint
+A multi-process run (torchrun) writes sharded/ (torch.distributed.checkpoint: trained parameters and optimizer
+state, one file per rank, loadable by any number of ranks) instead of trainable.safetensors and optimizer.pt.
 
 A checkpoint is written to a temporary folder and renamed when complete, and `latest` is replaced atomically,
 so a run killed mid-save still resumes from the previous one. Only the newest `keep` checkpoints stay.
@@ -49,23 +51,33 @@ def latest(out: Path) -> Path | None:
     return folder if (folder / "state.json").is_file() else None
 
 
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
 def save(
     out: Path,
-    trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    trainable: dict[str, torch.Tensor] | None,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: Progress,
     settings: dict[str, Any],
     keep: int = 2,
+    sharded: Path | None = None,
 ) -> Path:
+    """`sharded`: a torch.distributed.checkpoint folder already written by every rank, moved in as sharded/
+    in place of `trainable` and `optimizer` (which are then None)."""
     root = checkpoint_root(out)
-    name = f"step-{progress.step:06d}"
-    final = root / name
+    final = root / checkpoint_name(progress.step)
+    name = final.name
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if sharded is not None:
+        os.replace(sharded, tmp / "sharded")
+    else:
+        save_file({k: v.detach().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"torch": torch.get_rng_state(), "python": _python_rng()}, tmp / "rng.pt")
     state = {"progress": progress.__dict__, "scheduler": scheduler.state_dict(), "settings": settings}
     (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
@@ -85,17 +97,22 @@ def load(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> tuple[dict[str, torch.Tensor], Progress, dict[str, Any]]:
-    """Restore optimizer, scheduler and RNG states; return the trained tensors, the progress and the settings."""
-    for name in ("trainable.safetensors", "optimizer.pt", "rng.pt", "state.json"):
+    """Restore optimizer, scheduler and RNG states; return the trained tensors, the progress and the settings.
+    A sharded checkpoint returns no tensors and leaves the optimizer alone (distributed.load_sharded does both)."""
+    sharded = (folder / "sharded").is_dir()
+    needed = ("rng.pt", "state.json") if sharded else ("trainable.safetensors", "optimizer.pt", "rng.pt", "state.json")
+    for name in needed:
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder}: incomplete checkpoint, {name} is missing")
     state = json.loads((folder / "state.json").read_text())
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    if not sharded:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(state["scheduler"])
     rng = torch.load(folder / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     random.setstate(_python_rng_from(rng["python"]))
-    return load_file(str(folder / "trainable.safetensors")), Progress(**state["progress"]), state["settings"]
+    tensors = {} if sharded else load_file(str(folder / "trainable.safetensors"))
+    return tensors, Progress(**state["progress"]), state["settings"]
 
 
 def _python_rng() -> list:
