@@ -256,3 +256,20 @@ def test_train_refuses_a_batch_the_ranks_cannot_share(train_runs, tmp_path):
     proc = torchrun(*train_args(tmp_path / "odd", train_runs["data"], train_runs["tok"], "--batch-size=3"))
     assert proc.returncode != 0
     assert "--batch-size 3 (the global batch) must be divisible by WORLD_SIZE 2" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_train_lora_under_fsdp_equals_one_process(train_runs):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    root, lora = train_runs["root"], ["--lora-rank=4", "--steps=3", "--save-every=0"]
+    proc = torchrun(*train_args(root / "lora2", train_runs["data"], train_runs["tok"], *lora))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    train(TrainConfig(out=str(root / "lora1"), data=str(train_runs["data"]), tokenizer=str(train_runs["tok"]),
+                      progress=False, lora_rank=4, **{**TRAIN, "steps": 3, "save_every": 0}))  # fmt: skip
+    two = load_file(str(root / "lora2" / "adapter_model.safetensors"))
+    diff, key = max_diff(two, load_file(str(root / "lora1" / "adapter_model.safetensors")))
+    print(f"LoRA adapters, 2 ranks vs 1 process after 3 steps: max |diff| {diff:.2e} at {key} ({len(two)} tensors)")
+    assert diff <= 1e-5, f"{key}: {diff}"
+    saved = FileSystemReader(str(root / "lora2" / "checkpoints" / "step-000003" / "sharded")).read_metadata()
+    weights = [k for k in saved.state_dict_metadata if k.startswith("model.")]
+    assert weights and all("lora_" in k for k in weights), [k for k in weights if "lora_" not in k][:3]

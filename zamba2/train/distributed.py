@@ -281,7 +281,9 @@ def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dic
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [], options=_trainable())
-    state = {"model": model_state}
+    # a tied lm_head is the frozen embedding under a second name, which ignore_frozen_params lets through
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    state = {"model": {k: v for k, v in model_state.items() if k not in frozen}}
     if optimizer is not None:
         state["optimizer"] = optim_state
     return state
