@@ -167,7 +167,8 @@ class Trainer:
 
             alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank
             lora.add_lora(self.model, cfg.lora_rank, alpha, cfg.lora_targets, cfg.lora_dropout)
-        self.model.to(self.device)
+        if self.dist is None:  # under torchrun fully_shard moves each unit to the device as it shards it
+            self.model.to(self.device)
         if cfg.grad_checkpointing:
             self.model.gradient_checkpointing_enable()
         if self.dist is not None:  # bf16: FSDP gathers bf16 copies of the fp32 shards, reduces in fp32
