@@ -104,6 +104,8 @@ def case_tp(ctx: D.DistContext, out: Path) -> None:
         "mamba_replicated": dict(n_mamba_heads=1),
         "vocab_replicated_untied": dict(vocab_size=VOCAB - 1, tie_word_embeddings=False),
     }
+    if ctx.world_size == 4:  # norm groups over 2 of 4 ranks (2 groups), over all (1), within each rank (4)
+        configs = {f"groups_{g}": dict(mamba_ngroups=g, n_mamba_heads=4) for g in (1, 2, 4)}
     results = {}
     for name, overrides in configs.items():
         config = tiny(**overrides)
@@ -132,10 +134,10 @@ def case_tp(ctx: D.DistContext, out: Path) -> None:
             "tokens_equal": torch.equal(tt, rt),
             "mamba_sharded": plan.mamba_sharded,
             "vocab_sharded": plan.vocab_sharded,
-            "q_proj_local_rows": q.to_local().shape[0],
+            "q_proj_local_rows": q.to_local().shape[0] * ctx.world_size,
             "q_proj_rows": ref.model.layers[1].shared_transformer.self_attn.q_proj.weight.shape[0],
         }
-    try:  # 2 ranks cannot split 1 K/V head
+    try:  # 2 (or 4) ranks cannot split 1 K/V head
         parallelize(Zamba2ForCausalLM(tiny(num_key_value_heads=1)), ctx.mesh)
         results["refused"] = ""
     except ValueError as err:

@@ -118,11 +118,21 @@ def test_tensor_parallel_logits_equal_one_process(tmp_path):
     for name, r in results.items():
         assert r["forward"] <= 1e-5 and r["step"] <= 1e-5, f"{name}: {r}"
         assert r["tokens_equal"], name
-        assert r["q_proj_local_rows"] * 2 == r["q_proj_rows"], name  # really sharded
+        assert r["q_proj_local_rows"] == r["q_proj_rows"], name  # really sharded: local rows x ranks
     assert results["one_shared_block"]["mamba_sharded"] and results["two_shared_blocks"]["mamba_sharded"]
     assert results["gqa_two_groups"]["mamba_sharded"]
     assert not results["mamba_replicated"]["mamba_sharded"]
     assert not results["vocab_replicated_untied"]["vocab_sharded"]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_four_ranks_norm_groups_across_and_within_ranks(tmp_path):
+    run_worker("tp", str(tmp_path), nproc=4)
+    results = json.loads((tmp_path / "tp.json").read_text())
+    assert results.pop("refused") == "tensor parallel size 4 must divide num_key_value_heads (1)"
+    for name, r in results.items():
+        print(name, r)
+        assert r["forward"] <= 1e-5 and r["step"] <= 1e-5 and r["tokens_equal"] and r["mamba_sharded"], name
 
 
 def test_a_stuck_rank_ends_the_job_within_the_timeout(tmp_path):
@@ -273,3 +283,14 @@ def test_train_lora_under_fsdp_equals_one_process(train_runs):
     saved = FileSystemReader(str(root / "lora2" / "checkpoints" / "step-000003" / "sharded")).read_metadata()
     weights = [k for k in saved.state_dict_metadata if k.startswith("model.")]
     assert weights and all("lora_" in k for k in weights), [k for k in weights if "lora_" not in k][:3]
+
+
+def test_one_process_needs_no_process_group_and_backends_are_named(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert D.init_distributed() is None
+    assert D.pick_backend("cpu") == "gloo"
+    with pytest.raises(D.DistributedError, match="no torch.distributed backend for device type 'mps'"):
+        D.pick_backend("mps")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(D.DistributedError, match="WORLD_SIZE='two' is not an integer"):
+        D.init_distributed()

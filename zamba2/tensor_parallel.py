@@ -257,8 +257,7 @@ def join_tensor_parallel(size: int, device: str | torch.device):
     if world != size:
         how = f"launch with: torchrun --nproc-per-node {size} -m zamba2 generate --tp {size} ..."
         raise ValueError(f"--tp {size} needs {size} processes but WORLD_SIZE is {world}; {how}")
-    device = torch.device(device)
-    return init_distributed(device=device if device.type != "cuda" or device.index is not None else None)
+    return init_distributed(device)
 
 
 def common_seed(seed: int | None) -> int:

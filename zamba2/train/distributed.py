@@ -1,10 +1,14 @@
 """torch.distributed for training, in one place: the process group, FSDP2 sharding, sharded checkpoints.
 
-    ctx = init_distributed()                    # from torchrun's env (WORLD_SIZE > 1), else None
+    ctx = init_distributed("cuda")              # from torchrun's env (WORLD_SIZE > 1), else None
     shard_model(model, ctx, param_dtype=torch.bfloat16)   # FSDP2: a unit per layer + shared blocks + root
-    save_sharded(folder, model, optimizer, ctx)           # torch.distributed.checkpoint: one shard per rank
+    save_sharded(folder, model, optimizer)                # torch.distributed.checkpoint: one file per rank
     load_sharded(folder, model, optimizer)                # same or another number of ranks, or one process
     save_consolidated(model, folder, ctx)                 # a plain save_pretrained folder, written by rank 0
+    plain_copy(model, build, ctx)                         # rank 0: an unsharded copy (the loop's export)
+
+The training loop (loop.py) also uses check_batch / local_rows (each rank's share of a global batch) and
+all_sum (target counts and loss sums over ranks).
 
 The backend is nccl when CUDA is there, gloo otherwise; every collective gives up after `timeout` so a rank that
 dies or hangs ends the job with a message instead of a hang. Tensor-parallel inference is zamba2/tensor_parallel.py.
@@ -91,8 +95,9 @@ def init_distributed(
 ) -> DistContext | None:
     """Join the job torchrun started (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment).
 
-    Returns None when WORLD_SIZE is 1 or unset: a single process needs no process group. `device` None means
-    cuda:LOCAL_RANK when CUDA is available, else cpu. `timeout` (seconds) bounds every collective."""
+    Returns None when WORLD_SIZE is 1 or unset: a single process needs no process group. A CUDA `device` means
+    cuda:LOCAL_RANK (one GPU per process), None means that when CUDA is available, else cpu. `timeout`
+    (seconds) bounds every collective."""
     from torch.distributed.device_mesh import init_device_mesh
 
     world = world_size_from_env()
@@ -107,7 +112,7 @@ def init_distributed(
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise DistributedError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s)")
-        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = pick_backend(device.type)
     if not dist.is_initialized():
