@@ -298,7 +298,8 @@ class Trainer:
         for batch, count in zip(batches, counts, strict=True):
             if count == 0:
                 if self.dist is not None:  # every rank must run the same forward/backward collectives
-                    (self._forward(batch).logits.sum() * 0.0).backward()
+                    inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+                    (self.model(**inputs, use_cache=False).logits.sum() * 0.0).backward()
                 continue
             loss = self._forward(batch).loss
             scaled = loss * (count * world / total)
