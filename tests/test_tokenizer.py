@@ -173,19 +173,20 @@ def test_config_and_special_tokens_map(tmp_path: Path, tokenizer_json: Path) -> 
     tok = Tokenizer.from_pretrained(folder)
     assert tok.encode("hi") == [12014, 1]  # eos comes from special_tokens_map.json
     assert tok.pad_token_id == 0
-    batch = tok(["hi", "What factors"], padding_side="right")
+    batch = tok(["hi", "What factors"], padding=True, padding_side="right", return_tensors="pt")
     assert batch["input_ids"].tolist() == [[12014, 1, 0], [1824, 8612, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
 
 
 def test_batch_left_padding_uses_eos_when_no_pad(tok: Tokenizer) -> None:
-    batch = tok(["hi", KNOWN_TEXT])
+    batch = tok(["hi", KNOWN_TEXT], padding=True, return_tensors="pt")
     assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == (2, 12)
     assert batch["input_ids"][0].tolist() == [2] * 10 + [1, 12014]
     assert batch["attention_mask"][0].tolist() == [0] * 10 + [1, 1]
     assert batch["input_ids"][1].tolist() == [1, *KNOWN_IDS]
     assert tok.batch_decode(batch["input_ids"], skip_special_tokens=True) == ["hi", KNOWN_TEXT]
-    assert tok("hi")["input_ids"].tolist() == [[1, 12014]]
+    assert tok("hi", return_tensors="pt")["input_ids"].tolist() == [[1, 12014]]
+    assert tok("hi")["input_ids"] == [1, 12014]
     with pytest.raises(ValueError, match="padding_side"):
         tok("hi", padding_side="middle")
 

@@ -27,9 +27,11 @@ CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_PATTERNS = [
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+]  # fmt: skip
 HUB_PATTERNS = [
-    CONFIG_NAME, GENERATION_CONFIG_NAME, "*.safetensors", "*.safetensors.index.json", "tokenizer.json",
-    "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    CONFIG_NAME, GENERATION_CONFIG_NAME, "*.safetensors", "*.safetensors.index.json", *TOKENIZER_PATTERNS,
 ]  # fmt: skip
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -60,11 +62,13 @@ def resolve_model_dir(
     config_only: bool = False,
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
+    patterns: list[str] | None = None,
 ) -> Path:
     """A local folder as is; otherwise a hub id ("org/name") fetched with huggingface_hub.
 
     The hub path honours HF_HUB_OFFLINE and the local cache (a cached snapshot needs no network) and
-    fetches only config, safetensors and tokenizer files (only the configs when `config_only`).
+    fetches only config, safetensors and tokenizer files (only the configs when `config_only`, only
+    `patterns` when given: the tokenizer asks for TOKENIZER_PATTERNS).
     """
     path = Path(path_or_id).expanduser()
     if path.is_dir():
@@ -74,7 +78,8 @@ def resolve_model_dir(
     name = str(path_or_id)
     if not _HUB_ID.fullmatch(name) or ".." in name or "--" in name:
         raise FileNotFoundError(f"{name}: no such folder, and it does not look like a hub id ('org/name')")
-    patterns = [CONFIG_NAME, GENERATION_CONFIG_NAME] if config_only else HUB_PATTERNS
+    if patterns is None:
+        patterns = [CONFIG_NAME, GENERATION_CONFIG_NAME] if config_only else HUB_PATTERNS
     try:
         folder = snapshot_download(
             name, revision=revision, allow_patterns=patterns, cache_dir=cache_dir, token=token,

@@ -57,3 +57,25 @@ def _add_config_tokens(backend: tokenizers.Tokenizer, config: dict[str, Any], wh
                 f"{where}: added_tokens_decoder[{key}] {content!r} does not extend the vocabulary"
             )
         backend.add_tokens([AddedToken(content, special=bool(entry.get("special", True)), normalized=False)])
+
+
+def _call_settings(config: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The tokenizer call's defaults that tokenizer_config.json may set (transformers' names)."""
+    out: dict[str, Any] = {}
+    for key in ("padding_side", "truncation_side"):
+        value = config.get(key)
+        if value is not None:
+            if value not in ("left", "right"):
+                raise ValueError(f"{where}: {key} must be 'left' or 'right', got {value!r}")
+            out[key] = value
+    limit = config.get("model_max_length")
+    if limit is not None:
+        if not isinstance(limit, (int, float)) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"{where}: model_max_length must be a positive number, got {limit!r}")
+        out["model_max_length"] = int(limit)
+    cleanup = config.get("clean_up_tokenization_spaces")
+    if cleanup is not None:
+        if not isinstance(cleanup, bool):
+            raise ValueError(f"{where}: clean_up_tokenization_spaces must be true or false, got {cleanup!r}")
+        out["clean_up_tokenization_spaces"] = cleanup
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,14 +15,27 @@ from jinja2 import Template, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import processors
 
+from zamba2 import compat
+from zamba2.tokenizer.batch import (
+    NO_LIMIT,
+    BatchEncoding,
+    as_tensors,
+    check_options,
+    clean_up_tokenization_spaces,
+    pad_batch,
+    truncate,
+)
 from zamba2.tokenizer.config import (
     _TOKEN_KEYS,
     _add_config_tokens,
+    _call_settings,
     _chat_template_from_config,
     _read_json,
     _token_content,
 )
 from zamba2.tokenizer.sentencepiece import _backend_from_sentencepiece, read_sentencepiece_model
+
+logger = logging.getLogger("zamba2.tokenizer")
 
 
 def _raise_from_template(message: str) -> None:
@@ -49,6 +63,10 @@ class Tokenizer:
         add_bos_token: bool = True,
         add_eos_token: bool = False,
         chat_template: str | None = None,
+        padding_side: str = "left",
+        truncation_side: str = "right",
+        model_max_length: int | None = None,
+        clean_up_tokenization_spaces: bool = False,
         source: str = "<in memory>",
     ) -> None:
         self.backend = backend
@@ -57,11 +75,16 @@ class Tokenizer:
         self.add_eos_token = add_eos_token
         self.chat_template = chat_template
         self.bos_token, self.eos_token = bos_token, eos_token
-        self.unk_token, self.pad_token = unk_token, pad_token
+        self.unk_token = unk_token
         self.bos_token_id = self._token_id("bos_token", bos_token)
         self.eos_token_id = self._token_id("eos_token", eos_token)
         self.unk_token_id = self._token_id("unk_token", unk_token)
-        self.pad_token_id = self._token_id("pad_token", pad_token)
+        self.pad_token = pad_token  # a property: sets pad_token_id too
+        # The call's defaults, as tokenizer_config.json names them: left padding keeps every row's last token
+        # in the last column, which generation wants; model_max_length None = no limit.
+        self.padding_side, self.truncation_side = padding_side, truncation_side
+        self.model_max_length = model_max_length
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         if add_bos_token and self.bos_token_id is None:
             raise ValueError(f"{source}: add_bos_token is true but there is no bos_token")
         if add_eos_token and self.eos_token_id is None:
@@ -69,6 +92,17 @@ class Tokenizer:
         added = backend.get_added_tokens_decoder()
         self.special_ids: frozenset[int] = frozenset(i for i, token in added.items() if token.special)
         self._template: Template | None = None  # compiled on first use
+        self._warned_clean_up = False
+
+    @property
+    def pad_token(self) -> str | None:
+        return self._pad_token
+
+    @pad_token.setter
+    def pad_token(self, token: str | None) -> None:
+        """`tokenizer.pad_token = tokenizer.eos_token` works as in transformers (pad_token_id follows)."""
+        self.pad_token_id = self._token_id("pad_token", token)
+        self._pad_token = token
 
     def _token_id(self, name: str, token: str | None) -> int | None:
         if token is None:
@@ -79,10 +113,22 @@ class Tokenizer:
         return token_id
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike[str]) -> Tokenizer:
-        """Load from a folder with tokenizer.json (preferred) or tokenizer.model, plus the optional
-        tokenizer_config.json, special_tokens_map.json and chat_template.jinja."""
-        root = Path(folder)
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike[str],
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        token: str | bool | None = None,
+    ) -> Tokenizer:
+        """Load from a folder, or a hub id ("org/name") resolved like the model's from_pretrained (the hub
+        cache, `revision`, `cache_dir`, HF_HUB_OFFLINE), holding tokenizer.json (preferred) or tokenizer.model,
+        plus the optional tokenizer_config.json, special_tokens_map.json and chat_template.jinja."""
+        from zamba2.checkpoint.files import TOKENIZER_PATTERNS, resolve_model_dir
+
+        root = resolve_model_dir(
+            path_or_id, revision=revision, cache_dir=cache_dir, token=token, patterns=TOKENIZER_PATTERNS
+        )
         config_path = root / "tokenizer_config.json"
         # tokenizer_config.json wins; special_tokens_map.json fills in what it lacks.
         config = {**_read_json(root / "special_tokens_map.json"), **_read_json(config_path)}
@@ -116,7 +162,8 @@ class Tokenizer:
             template = _chat_template_from_config(
                 config.get("chat_template"), f"{config_path}: chat_template"
             )
-        return cls(backend, **tokens, **flags, chat_template=template, source=str(root))
+        settings = _call_settings(config, config_path)
+        return cls(backend, **tokens, **flags, chat_template=template, **settings, source=str(root))
 
     # --- encoding / decoding -------------------------------------------------------------------------------
 
@@ -125,19 +172,31 @@ class Tokenizer:
         """Number of token ids, added tokens included."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def _with_special(self, ids: list[int], add_special_tokens: bool) -> list[int]:
-        if add_special_tokens and self.add_bos_token:
-            ids = [self.bos_token_id, *ids]  # type: ignore[list-item]
-        if add_special_tokens and self.add_eos_token:
-            ids = [*ids, self.eos_token_id]  # type: ignore[list-item]
-        return ids
+    def _specials(self, add_special_tokens: bool) -> tuple[list[int], list[int]]:
+        """The ids that go before and after a text: bos / eos per add_bos_token / add_eos_token."""
+        if not add_special_tokens:
+            return [], []
+        before = [self.bos_token_id] if self.add_bos_token else []
+        after = [self.eos_token_id] if self.add_eos_token else []
+        return before, after  # type: ignore[return-value]
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids for `text`; bos/eos are added per add_bos_token/add_eos_token when asked."""
+    def _with_special(self, ids: list[int], add_special_tokens: bool) -> list[int]:
+        before, after = self._specials(add_special_tokens)
+        return [*before, *ids, *after]
+
+    def encode(
+        self, text: str, add_special_tokens: bool = True, return_tensors: str | None = None
+    ) -> list[int] | torch.Tensor:
+        """Token ids for `text`; bos/eos are added per add_bos_token/add_eos_token when asked.
+        `return_tensors="pt"` gives a (1, T) tensor, as transformers' encode does."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         # The backend's own post-processor is bypassed so tokenizer_config.json alone decides bos/eos.
-        return self._with_special(self.backend.encode(text, add_special_tokens=False).ids, add_special_tokens)
+        ids = self._with_special(self.backend.encode(text, add_special_tokens=False).ids, add_special_tokens)
+        if return_tensors is None:
+            return ids
+        check_options(False, None, return_tensors, self.padding_side, self.truncation_side)
+        return torch.tensor([ids], dtype=torch.long)
 
     def _check_ids(self, ids: Sequence[int] | torch.Tensor) -> list[int]:
         if isinstance(ids, torch.Tensor):
@@ -150,45 +209,96 @@ class Tokenizer:
                 raise ValueError(f"token id {i} is outside the vocabulary [0, {size})")
         return ids
 
-    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
-        """Text for a sequence of ids (a list or a 1-D tensor)."""
-        return self.backend.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens)
+    def decode(
+        self,
+        ids: Sequence[int] | torch.Tensor,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> str:
+        """Text for a sequence of ids (a list or a 1-D tensor). `clean_up_tokenization_spaces` (default: the
+        tokenizer's, from tokenizer_config.json, else False) drops spaces before punctuation and contractions."""
+        text = self.backend.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens)
+        return self._clean_up(text, clean_up_tokenization_spaces)
 
     def batch_decode(
-        self, batch: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False
+        self,
+        batch: Sequence[Sequence[int]] | torch.Tensor,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
     ) -> list[str]:
         """decode() for each row of a list of id lists or a (B, T) tensor."""
         rows = [self._check_ids(row) for row in batch]
-        return self.backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)
+        texts = self.backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)
+        return [self._clean_up(text, clean_up_tokenization_spaces) for text in texts]
+
+    def _clean_up(self, text: str, clean_up: bool | None) -> str:
+        if clean_up is None:
+            clean_up = self.clean_up_tokenization_spaces
+        if not clean_up:
+            return text
+        if isinstance(self.backend.model, tokenizers.models.BPE):
+            # As transformers 5.23 does: the rule was made for WordPiece output and would delete spaces
+            # that a BPE vocabulary (Zamba2's) encodes as part of the text.
+            if not self._warned_clean_up:
+                logger.warning("%s: clean_up_tokenization_spaces=True is ignored for a BPE tokenizer", self.source)
+                self._warned_clean_up = True
+            return text
+        return clean_up_tokenization_spaces(text)
 
     def __call__(
-        self, texts: str | Sequence[str], add_special_tokens: bool = True, padding_side: str = "left"
-    ) -> dict[str, torch.Tensor]:
-        """Encode a batch into padded int64 tensors {"input_ids": (B, T), "attention_mask": (B, T)}.
+        self,
+        text: str | Sequence[str],
+        text_pair: None = None,
+        *,
+        add_special_tokens: bool = True,
+        padding: bool | str = False,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: str | None = None,
+        **unsupported: Any,
+    ) -> BatchEncoding:
+        """Encode one text or a batch, in transformers' conventions: {"input_ids", "attention_mask"} as a
+        BatchEncoding (a dict with attribute access and .to(device)).
 
-        Left padding (the default) keeps every row's last token in the last column, as generation wants.
-        Pads with pad_token, else eos_token, else unk_token.
+        One text gives flat rows, a list of texts a row each. `return_tensors="pt"` gives (B, T) int64 tensors
+        (rows must then be one length: pad them), None gives lists. `padding`: False, True / "longest",
+        "max_length"; on `padding_side` (default self.padding_side, "left" unless tokenizer_config.json says
+        otherwise), with pad_token, else eos_token, else unk_token. `truncation` cuts rows to `max_length`
+        (default model_max_length) from `truncation_side`; like transformers, a max_length without padding
+        truncates even when truncation is not given.
         """
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        batch = [texts] if isinstance(texts, str) else list(texts)
+        compat.reject("Tokenizer.__call__", unsupported, compat.TOKENIZER_CALL)
+        if text_pair is not None:
+            raise TypeError("Tokenizer.__call__: text_pair is not supported (Zamba2 has no pair template); "
+                            "join the two texts into one")  # fmt: skip
+        side = self.padding_side if padding_side is None else padding_side
+        check_options(padding, truncation, return_tensors, side, self.truncation_side)
+        single = isinstance(text, str)
+        batch = [text] if single else list(text)
         if not batch or not all(isinstance(t, str) for t in batch):
-            raise ValueError("texts must be a string or a non-empty sequence of strings")
-        pad_id = next(
-            (i for i in (self.pad_token_id, self.eos_token_id, self.unk_token_id) if i is not None), 0
-        )
+            raise ValueError("text must be a string or a non-empty sequence of strings")
+        if truncation is None:
+            truncation = max_length is not None and padding in (False, "do_not_pad")
+        if max_length is None and self.model_max_length is not None and self.model_max_length < NO_LIMIT:
+            max_length = self.model_max_length
+        specials = self._specials(add_special_tokens)
+        cut = truncation not in (False, "do_not_truncate") and max_length is not None
         rows = [
-            self._with_special(e.ids, add_special_tokens)
+            truncate(e.ids, specials, max_length, self.truncation_side) if cut else [*specials[0], *e.ids, *specials[1]]
             for e in self.backend.encode_batch(batch, add_special_tokens=False)
         ]
-        width = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, row in enumerate(rows):
-            cols = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
-            input_ids[b, cols] = torch.tensor(row, dtype=torch.long)
-            attention_mask[b, cols] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        pad_id = next((i for i in (self.pad_token_id, self.eos_token_id, self.unk_token_id) if i is not None), None)
+        ids, mask = pad_batch(
+            rows, padding=padding, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of, pad_id=pad_id,
+            side=side,
+        )  # fmt: skip
+        if return_tensors == "pt":
+            return BatchEncoding(input_ids=as_tensors(ids, "input_ids"), attention_mask=as_tensors(mask, "mask"))
+        if single:
+            return BatchEncoding(input_ids=ids[0], attention_mask=mask[0])
+        return BatchEncoding(input_ids=ids, attention_mask=mask)
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
         """Write tokenizer.json and tokenizer_config.json so that from_pretrained (or transformers)
