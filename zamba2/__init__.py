@@ -16,10 +16,24 @@ _PUBLIC = {
     "Zamba2ForSequenceClassification": "zamba2.model",
     "HybridCache": "zamba2.cache",
     "Tokenizer": "zamba2.tokenizer",
+    "GenerationConfig": "zamba2.generation_config",
     "tune_allocator": "zamba2.allocator:tune",  # name in zamba2 -> "module:attribute" where it differs
+    # transformers' Auto* names, so that code written against transformers changes only its import line.
+    # They are our classes themselves: AutoModelForCausalLM.from_pretrained is Zamba2ForCausalLM.from_pretrained.
+    "AutoTokenizer": "zamba2.tokenizer:Tokenizer",
+    "AutoConfig": "zamba2.config:Zamba2Config",
+    "AutoModel": "zamba2.model:Zamba2Model",
+    "AutoModelForCausalLM": "zamba2.model:Zamba2ForCausalLM",
+    "AutoModelForSequenceClassification": "zamba2.model:Zamba2ForSequenceClassification",
 }
 
 __all__ = [
+    "AutoConfig",
+    "AutoModel",
+    "AutoModelForCausalLM",
+    "AutoModelForSequenceClassification",
+    "AutoTokenizer",
+    "GenerationConfig",
     "HybridCache",
     "Tokenizer",
     "Zamba2Config",
@@ -42,5 +56,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from zamba2.allocator import tune as tune_allocator
     from zamba2.cache import HybridCache
     from zamba2.config import Zamba2Config
+    from zamba2.generation_config import GenerationConfig
     from zamba2.model import Zamba2ForCausalLM, Zamba2ForSequenceClassification, Zamba2Model
     from zamba2.tokenizer import Tokenizer
+
+    AutoTokenizer = Tokenizer
+    AutoConfig = Zamba2Config
+    AutoModel = Zamba2Model
+    AutoModelForCausalLM = Zamba2ForCausalLM
+    AutoModelForSequenceClassification = Zamba2ForSequenceClassification

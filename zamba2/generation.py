@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
+from zamba2 import compat
 from zamba2.cache import HybridCache
-from zamba2.sampling import SamplingParams, sample_next
+from zamba2.generation_config import GenerationConfig, merged
+from zamba2.sampling import SamplingParams, processed_logits, sample_next
 
 DEFAULT_MAX_NEW_TOKENS = 20
 # Prompts are prefilled in pieces of this many tokens, so activations stay bounded for any length.
@@ -43,6 +46,14 @@ def _eos_set(eos_token_id: int | Sequence[int] | None, config_eos) -> list[int]:
     if eos is None:
         return []
     return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+
+def _check_tensor(input_ids: Any) -> None:
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(
+            f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}; "
+            "call the tokenizer with return_tensors='pt'"
+        )
 
 
 @torch.no_grad()
@@ -84,22 +95,37 @@ def generate_iter(
     *,
     max_new_tokens: int | None = None,
     max_length: int | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    presence_penalty: float = 0.0,
-    frequency_penalty: float = 0.0,
+    min_new_tokens: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     stop_strings: str | Sequence[str] | None = None,
     tokenizer: _TextSource | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    generation_config: GenerationConfig | None = None,
+    scores: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the new tokens of each step, (B,) long, finished rows holding pad_token_id."""
+    """Yield the new tokens of each step, (B,) long, finished rows holding pad_token_id.
+
+    Arguments left None come from `generation_config`, else `model.generation_config` (generation_config.json),
+    else the built-in defaults (zamba2/generation_config.py). `scores`, when given, receives each step's
+    (raw logits, processed scores) pair, both (B, V) fp32."""
+    _check_tensor(input_ids)
+    gen = merged(
+        generation_config if generation_config is not None else getattr(model, "generation_config", None),
+        max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens, do_sample=do_sample,
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, stop_strings=stop_strings,
+    )  # fmt: skip
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -111,15 +137,22 @@ def generate_iter(
         if config.use_mem_rope:
             raise ValueError(message + " (RoPE positions past it were never trained)")
         warnings.warn(message + "; without RoPE the model has no hard limit, but quality may suffer", stacklevel=3)
+    # An explicit length wins over the config's; max_new_tokens over max_length (which counts the prompt).
+    if max_new_tokens is None and max_length is None:
+        max_new_tokens, max_length = gen.max_new_tokens, gen.max_length
     if max_new_tokens is None:
         max_new_tokens = max(0, max_length - T) if max_length is not None else DEFAULT_MAX_NEW_TOKENS
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    min_new_tokens = gen.min_new_tokens
+    if min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
     params = SamplingParams(
-        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
+        do_sample=gen.do_sample, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, min_p=gen.min_p,
+        repetition_penalty=gen.repetition_penalty, presence_penalty=gen.presence_penalty,
+        frequency_penalty=gen.frequency_penalty,
     ).validate()  # fmt: skip
+    stop_strings, eos_token_id, pad_token_id = gen.stop_strings, gen.eos_token_id, gen.pad_token_id
     if isinstance(stop_strings, str):
         stop_strings = [stop_strings]
     if stop_strings and tokenizer is None:
@@ -147,10 +180,13 @@ def generate_iter(
     stop_tail = max((len(s) for s in stop_strings), default=0) if stop_strings else 0
     for n in range(max_new_tokens):
         pos = T + n
-        if use_history:
-            tokens = sample_next(logits, params, generator, history[:, :pos], seen[:, :pos])
-        else:
-            tokens = sample_next(logits, params, generator)
+        raw = logits
+        if n < min_new_tokens and len(eos):
+            logits = logits.index_fill(-1, eos, float("-inf"))  # no end of sequence before min_new_tokens
+        prev = (history[:, :pos], seen[:, :pos]) if use_history else (None, None)
+        if scores is not None:
+            scores.append((raw.float(), processed_logits(logits, params, *prev)))
+        tokens = sample_next(logits, params, generator, *prev)
         tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)
         history[:, pos] = tokens
         seen[:, pos] = ~finished
@@ -169,6 +205,18 @@ def generate_iter(
         logits = decode_step(model, tokens, cache)
 
 
+@dataclass
+class GenerateDecoderOnlyOutput:
+    """What generate returns with return_dict_in_generate=True (transformers' name and fields)."""
+
+    sequences: torch.Tensor  # (B, T + n) prompt + new tokens
+    scores: tuple[torch.Tensor, ...] | None = None  # per step (B, V): processed scores (output_scores)
+    logits: tuple[torch.Tensor, ...] | None = None  # per step (B, V): raw logits (output_logits)
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -177,14 +225,15 @@ def generate(
     *,
     max_new_tokens: int | None = None,
     max_length: int | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    presence_penalty: float = 0.0,
-    frequency_penalty: float = 0.0,
+    min_new_tokens: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     stop_strings: str | Sequence[str] | None = None,
@@ -192,18 +241,35 @@ def generate(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     streamer: Streamer | None = None,
-) -> torch.Tensor:
+    generation_config: GenerationConfig | None = None,
+    return_dict_in_generate: bool | None = None,
+    output_scores: bool | None = None,
+    output_logits: bool | None = None,
+    **unsupported: Any,
+) -> torch.Tensor | GenerateDecoderOnlyOutput:
     """Generate continuations; returns prompt + new tokens (B, T + n) like transformers' `generate`.
 
     Greedy by default; `do_sample=True` samples with temperature / top_k / top_p / min_p (0 / 1.0 / 0 = off).
     `seed` or `generator` makes sampling reproducible. `eos_token_id` (int or list) defaults to the config's.
+    Arguments left None come from `generation_config`, else the model's (generation_config.json), else the
+    built-in defaults. `min_new_tokens` holds end-of-sequence back until that many tokens are out.
+    `return_dict_in_generate=True` returns a GenerateDecoderOnlyOutput (`.sequences`, and per-step `.scores` /
+    `.logits` with output_scores / output_logits). Other transformers arguments (num_beams=1, use_cache=True...)
+    are accepted where they change nothing, else refused naming what to use instead (zamba2/compat.py).
     """
+    compat.reject("generate", unsupported, compat.GENERATE)
+    _check_tensor(input_ids)
+    config = generation_config if generation_config is not None else getattr(model, "generation_config", None)
+    out = merged(config, return_dict_in_generate=return_dict_in_generate, output_scores=output_scores,
+                 output_logits=output_logits)  # fmt: skip
+    scores: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if out.output_scores or out.output_logits else None
     steps = generate_iter(
         model, input_ids, attention_mask, max_new_tokens=max_new_tokens, max_length=max_length,
-        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         stop_strings=stop_strings, tokenizer=tokenizer, seed=seed, generator=generator,
+        generation_config=generation_config, scores=scores,
     )  # fmt: skip
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -214,6 +280,11 @@ def generate(
             streamer.put(tokens)
     if streamer is not None:
         streamer.end()
-    if not new:
-        return input_ids.clone()
-    return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+    sequences = torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids.clone()
+    if not out.return_dict_in_generate:
+        return sequences
+    return GenerateDecoderOnlyOutput(
+        sequences,
+        scores=tuple(s for _, s in scores) if out.output_scores else None,
+        logits=tuple(r for r, _ in scores) if out.output_logits else None,
+    )

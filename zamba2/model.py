@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from zamba2.cache import CacheShapes, HybridCache
 from zamba2.config import Zamba2Config
 from zamba2.generation import generate, generate_iter
+from zamba2.generation_config import GenerationConfig
 from zamba2.layers.attention import AttentionMask
 from zamba2.layers.blocks import HybridLayer, MambaLayer, SharedBlock
 from zamba2.layers.mamba2 import Mamba2Mixer
@@ -129,7 +130,9 @@ class Zamba2PreTrainedModel(nn.Module):
         path_or_id: str | os.PathLike,
         *,
         dtype: str | torch.dtype = "auto",
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
+        device_map: str | int | torch.device | dict[str, Any] | None = None,
+        torch_dtype: str | torch.dtype | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
@@ -142,15 +145,22 @@ class Zamba2PreTrainedModel(nn.Module):
         id2label: dict[int, str] | None = None,
         label2id: dict[str, int] | None = None,
         adapter: str | os.PathLike | None = None,
+        **unsupported: Any,
     ):
         """Load a published (or fine-tuned, or legacy-format) checkpoint from a folder or a hub id.
 
         Built on the meta device and filled from memory-mapped safetensors, converting each tensor to `dtype`
-        ("auto" = the checkpoint's stored dtype). `quantize="int8" | "int4"` quantises the large linears
-        after loading. Classification overrides (num_labels, problem_type, id2label, label2id) as in
-        transformers. `adapter` is a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) applied
-        on top, frozen (zamba2/train/lora.py: attach_adapter)."""
+        ("auto" = the checkpoint's stored dtype; `torch_dtype` is its older name) on `device` (default CPU) or
+        transformers' `device_map` ("auto" = CUDA when present, else CPU; one device only).
+        `quantize="int8" | "int4"` quantises the large linears after loading. Classification overrides
+        (num_labels, problem_type, id2label, label2id) as in transformers. `adapter` is a PEFT LoRA folder
+        (adapter_config.json + adapter_model.safetensors) applied on top, frozen (zamba2/train/lora.py:
+        attach_adapter). Other transformers arguments are accepted where they change nothing here, else refused
+        naming what to use instead (zamba2/compat.py)."""
         from zamba2 import checkpoint as ckpt
+        from zamba2 import compat
+
+        compat.reject(f"{cls.__name__}.from_pretrained", unsupported, compat.FROM_PRETRAINED)
 
         overrides = {
             k: v
@@ -160,7 +170,8 @@ class Zamba2PreTrainedModel(nn.Module):
             if v is not None
         }
         model = ckpt.load_pretrained(
-            cls, path_or_id, dtype=dtype, device=device, revision=revision, cache_dir=cache_dir, token=token,
+            cls, path_or_id, dtype=dtype, device=device, device_map=device_map, torch_dtype=torch_dtype,
+            revision=revision, cache_dir=cache_dir, token=token,
             quantize=quantize if adapter is None else None, quantize_group_size=quantize_group_size,
             progress=progress, config=config, config_overrides=overrides,
         )  # fmt: skip
@@ -405,6 +416,8 @@ class Zamba2ForCausalLM(Zamba2PreTrainedModel):
         self.config = config
         self.model = Zamba2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # generate()'s defaults; from_pretrained replaces it with the checkpoint's generation_config.json.
+        self.generation_config = GenerationConfig.from_model_config(config)
         self._post_init()
 
     def tie_weights(self) -> None:

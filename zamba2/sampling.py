@@ -179,6 +179,37 @@ def top_logprobs(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return result.values, result.indices
 
 
+def processed_logits(
+    logits: Tensor, params: SamplingParams, prev_ids: Tensor | None = None, prev_mask: Tensor | None = None
+) -> Tensor:
+    """The fp32 scores (B, V) the next token is picked from: penalties, then (when sampling) temperature and the
+    top-k / top-p / min-p filters (-inf where filtered). What transformers returns as `scores`, up to a constant
+    per row when sampling (the best logit is moved to 0 before the temperature, see below)."""
+    _check_logits(logits)
+    params.validate()
+    logits = logits.float()  # penalties and softmax in fp32: bf16 would merge nearby logits
+    if prev_ids is not None:
+        logits = apply_repetition_penalty(logits, prev_ids, params.repetition_penalty, prev_mask)
+        if params.presence_penalty != 0 or params.frequency_penalty != 0:
+            counts = token_counts(prev_ids, logits.shape[-1], prev_mask)
+            logits = apply_presence_frequency_penalty(
+                logits, counts, params.presence_penalty, params.frequency_penalty
+            )
+    if params.greedy:
+        return logits
+    # Scale the distances from each row's best logit, not the logits: with a tiny temperature (1e-40 is a
+    # valid one) logits / T overflows to inf and softmax gives NaN, while (l - max) / T is 0 for the best
+    # token and at worst -inf for the others. A penalty of ~0 can push a seen logit to +inf: clamp it finite
+    # first so that the row maximum minus itself is 0, not NaN. The temperature is kept >= the smallest normal
+    # fp32 number so that no denormal flushed to zero divides 0 by 0.
+    logits = logits.clamp(max=torch.finfo(logits.dtype).max)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    logits = logits / max(params.temperature, torch.finfo(logits.dtype).tiny)
+    logits = top_k_filter(logits, params.top_k)
+    logits = top_p_filter(logits, params.top_p)
+    return min_p_filter(logits, params.min_p)
+
+
 def sample_next(
     logits: Tensor,
     params: SamplingParams,
@@ -192,28 +223,8 @@ def sample_next(
     `prev_mask` (B, T) bool marks which of them count (False for padding). Sampling draws from
     `generator` so a seeded generator reproduces the same tokens.
     """
-    _check_logits(logits)
-    params.validate()
-    logits = logits.float()  # penalties and softmax in fp32: bf16 would merge nearby logits
-    if prev_ids is not None:
-        logits = apply_repetition_penalty(logits, prev_ids, params.repetition_penalty, prev_mask)
-        if params.presence_penalty != 0 or params.frequency_penalty != 0:
-            counts = token_counts(prev_ids, logits.shape[-1], prev_mask)
-            logits = apply_presence_frequency_penalty(
-                logits, counts, params.presence_penalty, params.frequency_penalty
-            )
+    logits = processed_logits(logits, params, prev_ids, prev_mask)
     if params.greedy:
         return logits.argmax(dim=-1)
-    # Scale the distances from each row's best logit, not the logits: with a tiny temperature (1e-40 is a
-    # valid one) logits / T overflows to inf and softmax gives NaN, while (l - max) / T is 0 for the best
-    # token and at worst -inf for the others. A penalty of ~0 can push a seen logit to +inf: clamp it finite
-    # first so that the row maximum minus itself is 0, not NaN. The temperature is kept >= the smallest normal
-    # fp32 number so that no denormal flushed to zero divides 0 by 0.
-    logits = logits.clamp(max=torch.finfo(logits.dtype).max)
-    logits = logits - logits.max(dim=-1, keepdim=True).values
-    logits = logits / max(params.temperature, torch.finfo(logits.dtype).tiny)
-    logits = top_k_filter(logits, params.top_k)
-    logits = top_p_filter(logits, params.top_p)
-    logits = min_p_filter(logits, params.min_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -30,6 +30,7 @@ from zamba2.checkpoint.files import (
 )
 from zamba2.checkpoint.keys import KeyPlan, plan_keys
 from zamba2.config import Zamba2Config
+from zamba2.generation_config import GenerationConfig
 
 logger = logging.getLogger("zamba2.checkpoint")
 
@@ -139,12 +140,63 @@ def load_state_into(
         raise RuntimeError(f"{folder}: tensors left uninitialised after loading: {', '.join(left[:10])}")
 
 
+_SPREAD = ("balanced", "balanced_low_0", "sequential")
+_TP_HINT = (
+    "zamba2 loads the whole model onto one device; for several GPUs use tensor-parallel inference "
+    "(torchrun --nproc-per-node N -m zamba2 generate --tp N, zamba2.train.distributed)"
+)
+
+
+def _as_device(value: Any) -> torch.device:
+    """One device_map value: an int N (cuda:N), a device name or a torch.device."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return torch.device("cuda", value)
+    if isinstance(value, (str, torch.device)):
+        try:
+            return torch.device(value)
+        except RuntimeError:
+            pass
+    raise ValueError(
+        f"device_map value {value!r} is not a device; expected 'auto', 'cpu', 'cuda', 'cuda:N', an int, "
+        "a torch.device, or a dict whose values are one device"
+    )
+
+
+def resolve_device(device: str | torch.device | None, device_map: Any = None) -> torch.device:
+    """The one device to load onto, from `device` or transformers' `device_map`.
+
+    device_map: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:N", an int N (cuda:N), a torch.device,
+    or a dict whose values are all one device ({"": "cuda:0"}). A map over several devices is an error that points
+    to the tensor-parallel path; "balanced" / "sequential" are "auto" when at most one GPU is visible.
+    """
+    if device_map is None:
+        return torch.device("cpu" if device is None else device)
+    if isinstance(device_map, dict):
+        targets = {_as_device(v) for v in device_map.values()}
+        if len(targets) != 1:
+            names = ", ".join(sorted(map(str, targets))) or "none"
+            raise ValueError(f"device_map places the model on several devices ({names}); {_TP_HINT}")
+        target = targets.pop()
+    elif device_map in _SPREAD or device_map == "auto":
+        if device_map != "auto" and torch.cuda.device_count() > 1:
+            count = torch.cuda.device_count()
+            raise ValueError(f"device_map={device_map!r} spreads the model over {count} GPUs; {_TP_HINT}")
+        target = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        target = _as_device(device_map)
+    if device is not None and torch.device(device) != target:
+        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree; pass one of them")
+    return target
+
+
 def load_pretrained(
     cls: type[nn.Module],
     path_or_id: str | os.PathLike,
     *,
     dtype: str | torch.dtype = "auto",
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
+    device_map: Any = None,
+    torch_dtype: str | torch.dtype | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
@@ -157,8 +209,16 @@ def load_pretrained(
     """Build `cls` on the meta device from a folder or hub id and load its weights (eval mode).
 
     `config` replaces the folder's config.json; `config_overrides` (e.g. num_labels, id2label for a
-    classifier) are applied on top of either.
+    classifier) are applied on top of either. `device_map` (see resolve_device) and `torch_dtype` (the older
+    name of `dtype`) are transformers' spellings. The model's generation_config comes from
+    generation_config.json (zamba2/generation_config.py).
     """
+    target_device = resolve_device(device, device_map)
+    if torch_dtype is not None:
+        if dtype != "auto" and resolve_dtype(dtype) != resolve_dtype(torch_dtype):
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; torch_dtype is the older "
+                             "name of dtype: pass one")  # fmt: skip
+        dtype = torch_dtype
     if quantize is not None and quantize not in quant.MODES:
         raise ValueError(f"quantize={quantize!r}; expected None or one of {', '.join(quant.MODES)}")
     folder = resolve_model_dir(path_or_id, revision=revision, cache_dir=cache_dir, token=token)
@@ -183,7 +243,9 @@ def load_pretrained(
             quant.apply_quantization_config(model, stored_quantization)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{folder / CONFIG_NAME}: {err}") from err
-    load_state_into(model, folder, target, device, progress=progress, legacy_config=legacy)
+    load_state_into(model, folder, target, target_device, progress=progress, legacy_config=legacy)
+    if hasattr(model, "generation_config"):
+        model.generation_config = GenerationConfig.from_pretrained(folder, config)
     if quantize is not None:
         # Quantised after loading, one layer at a time; recorded so that save_pretrained persists it.
         model.quantize(quantize, group_size=quantize_group_size, progress=progress)

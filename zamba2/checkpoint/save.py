@@ -14,6 +14,7 @@ from torch import nn
 
 from zamba2.checkpoint.files import CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from zamba2.config import Zamba2Config
+from zamba2.generation_config import GenerationConfig
 
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
@@ -123,6 +124,6 @@ def save_pretrained(
     data["architectures"] = [type(model).__name__]
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     _write_atomic(folder / CONFIG_NAME, lambda p: p.write_text(text))
-    generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    gen_text = json.dumps(generation, indent=2, sort_keys=True) + "\n"
+    generation = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(config)
+    gen_text = json.dumps(generation.to_dict(), indent=2, sort_keys=True) + "\n"
     _write_atomic(folder / GENERATION_CONFIG_NAME, lambda p: p.write_text(gen_text))
