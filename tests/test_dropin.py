@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_cli import CHAT_TEMPLATE
 from hub_cache import add_snapshot
 from test_tokenizer_call import FIXTURE
 
@@ -25,6 +26,7 @@ from zamba2.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 LM_ID, DOC_LM_ID, CLS_ID = "Zyphra/Zamba2-7B", "Zyphra/Zamba2-7B-v1", "tiny-org/zamba2-classifier"
+CHAT_ID = "Zyphra/Zamba2-7B-Instruct-v2"
 # MHA: transformers 5.23 crashes with GQA + attention adapters, and it is the oracle here.
 TINY = dict(num_key_value_heads=4)
 
@@ -112,10 +114,31 @@ labels = torch.sum(
 ).to(torch.float)
 loss = model(**inputs, labels=labels).loss
 """
+# The Zyphra instruct model card's transformers snippet ("Load model directly").
+MODEL_CARD_CHAT = """\
+from transformers import AutoTokenizer, AutoModelForCausalLM
+
+tokenizer = AutoTokenizer.from_pretrained("Zyphra/Zamba2-7B-Instruct-v2")
+model = AutoModelForCausalLM.from_pretrained("Zyphra/Zamba2-7B-Instruct-v2", device_map="auto")
+messages = [
+    {"role": "user", "content": "Who are you?"},
+]
+inputs = tokenizer.apply_chat_template(
+    messages,
+    add_generation_prompt=True,
+    tokenize=True,
+    return_dict=True,
+    return_tensors="pt",
+).to(model.device)
+
+outputs = model.generate(**inputs, max_new_tokens=40)
+print(tokenizer.decode(outputs[0][inputs["input_ids"].shape[-1]:]))
+"""
 EXAMPLES = {
     "quick_start": dict(source=QUICK_START, keep=["outputs"]),
     "configuration": dict(source=CONFIGURATION, keep=[], meta=True),
     "generation": dict(source=GENERATION, keep=["generate_ids"]),
+    "model_card_chat": dict(source=MODEL_CARD_CHAT, keep=["outputs"]),
     "single_label": dict(source=SINGLE_LABEL.replace("{checkpoint}", CLS_ID), keep=["logits", "loss", "num_labels"]),
     "multi_label": dict(
         source=MULTI_LABEL.replace("{checkpoint}", CLS_ID), keep=["logits", "predicted_class_ids", "loss"]
@@ -130,7 +153,9 @@ def staged(folder: Path, cls, seed: int, **overrides) -> Path:
     spm = folder.parent / f"{folder.name}-spm"
     spm.mkdir()
     (spm / "tokenizer.model").write_bytes(FIXTURE.read_bytes())
-    Tokenizer.from_pretrained(spm).save_pretrained(folder)
+    tokenizer = Tokenizer.from_pretrained(spm)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -142,7 +167,7 @@ def hf_home(tmp_path_factory) -> Path:
     lm = staged(root / "lm", Zamba2ForCausalLM, seed=0)
     labels = {"id2label": {0: "NEGATIVE", 1: "POSITIVE"}, "label2id": {"NEGATIVE": 0, "POSITIVE": 1}}
     classifier = staged(root / "cls", Zamba2ForSequenceClassification, seed=1, **labels)
-    for repo_id, folder in ((LM_ID, lm), (DOC_LM_ID, lm), (CLS_ID, classifier)):
+    for repo_id, folder in ((LM_ID, lm), (DOC_LM_ID, lm), (CHAT_ID, lm), (CLS_ID, classifier)):
         add_snapshot(home / "hub", repo_id, folder)
     return home
 
@@ -199,6 +224,12 @@ def test_generation_example_equals_transformers(results: dict) -> None:
     ours, ref = results["zamba2"]["generation"], results["transformers"]["generation"]
     assert ours["generate_ids"] == ref["generate_ids"], f"\nours {ours['generate_ids']}\nref  {ref['generate_ids']}"
     assert ours["_"] == ref["_"] and len(ours["generate_ids"][0]) <= 30
+
+
+def test_model_card_chat_example_equals_transformers(results: dict) -> None:
+    ours, ref = results["zamba2"]["model_card_chat"], results["transformers"]["model_card_chat"]
+    assert ours["outputs"] == ref["outputs"], f"\nours {ours['outputs']}\nref  {ref['outputs']}"
+    assert ours["stdout"] == ref["stdout"] and ours["stdout"].strip()
 
 
 @pytest.mark.parametrize("name", ["single_label", "multi_label"])

@@ -23,6 +23,7 @@ __all__ = [
     "apply_repetition_penalty",
     "logprobs",
     "min_p_filter",
+    "processed_logits",
     "sample_next",
     "token_counts",
     "top_k_filter",

@@ -334,12 +334,20 @@ class Tokenizer:
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         tokenize: bool = False,
-    ) -> str | list[int]:
+        return_dict: bool = False,
+        return_tensors: str | None = None,
+    ) -> str | list[int] | torch.Tensor | BatchEncoding:
         """Render `messages` ([{"role": ..., "content": ...}, ...]) with the checkpoint's chat template.
 
         Returns the prompt text, or its ids (without extra bos/eos: the template places those) when
-        `tokenize` is true. The template runs in jinja2's immutable sandbox.
+        `tokenize` is true: a list, a (1, T) tensor with return_tensors="pt", or with `return_dict` a
+        BatchEncoding like the tokenizer call's, as the model cards' transformers examples use it. (transformers
+        5.23 defaults to tokenize=True, return_dict=True; these defaults are the older text-first ones.)
+        The template runs in jinja2's immutable sandbox.
         """
+        if (return_dict or return_tensors is not None) and not tokenize:
+            raise ValueError("return_dict / return_tensors need tokenize=True")
+        check_options(False, None, return_tensors, self.padding_side, self.truncation_side)
         if self.chat_template is None:
             raise ValueError(f"{self.source}: this tokenizer has no chat_template (tokenizer_config.json)")
         for index, message in enumerate(messages):
@@ -363,4 +371,12 @@ class Tokenizer:
             raise ValueError(f"{self.source}: chat_template rejected the messages: {exc}") from exc
         except TemplateError as exc:  # syntax errors, undefined names, sandbox SecurityError
             raise ValueError(f"{self.source}: chat_template failed: {type(exc).__name__}: {exc}") from exc
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        if not tokenize:
+            return text
+        ids = self.encode(text, add_special_tokens=False)
+        if return_dict:
+            mask = [1] * len(ids)
+            if return_tensors == "pt":
+                return BatchEncoding(input_ids=torch.tensor([ids]), attention_mask=torch.tensor([mask]))
+            return BatchEncoding(input_ids=ids, attention_mask=mask)
+        return torch.tensor([ids]) if return_tensors == "pt" else ids
