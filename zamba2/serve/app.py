@@ -12,7 +12,12 @@ Threads: uvicorn's event loop runs the handlers; the model loads in a thread at 
 503 meanwhile); the engine thread owns the model afterwards. A handler submits a GenerationRequest with a
 channel whose sink hands engine events to the event loop (call_soon_threadsafe), then streams them as SSE or
 collects them into one response. A client that disconnects (streaming or not) cancels its request, which frees
-its batch row before the next decode step.
+its batch row before the next decode step. CPU work that grows with the request (JSON parsing, chat templates,
+tokenising) runs in worker threads (`_offload`), so /health and the streams keep answering meanwhile.
+
+Every request passes guard.py first (request id, Content-Type, body size and timeout, the catch-all 500) and
+every error leaves in OpenAI's shape. An engine Failure is a 500 with a generic message and the request id (the
+detail is in the log), or a 503 when the server is shutting down.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,10 +41,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from zamba2 import allocator
-from zamba2.cli.parser import adapter_folder
 from zamba2.sampling import SamplingParams
-from zamba2.serve.engine import PREFILL_CHUNK, Engine, Failure, GenerationRequest, Output, Progress, QueueFull
+from zamba2.serve.engine import Engine, Failure, GenerationRequest, Output, Progress, QueueFull, ShuttingDown
+from zamba2.serve.guard import GENERIC_500, Guard
 from zamba2.serve.metrics import ServerMetrics
 from zamba2.serve.protocol import (
     APIError,
@@ -52,12 +56,14 @@ from zamba2.serve.protocol import (
     TokenTexts,
     echo_of,
     parse_body,
+    refuse_unsupported,
 )
 from zamba2.tokenizer import Tokenizer
 
 log = logging.getLogger("zamba2.serve")
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the limit
+OFFLOAD_BYTES = 16 << 10  # bodies and texts from this size on are parsed / tokenised in a worker thread
 KEEP_ALIVE = ": keep-alive\n\n"
 ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
              "/detokenize", "/tokenizer_info"}  # fmt: skip
@@ -87,28 +93,25 @@ def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-class _CountRequests:
-    """ASGI middleware: counts responses by endpoint and status (pure ASGI, so streaming is untouched)."""
+T = TypeVar("T")
 
-    def __init__(self, app, metrics: ServerMetrics) -> None:
-        self.app, self.metrics = app, metrics
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = [500]
+async def _offload(size: int, fn: Callable[..., T], *args, **kwargs) -> T:
+    """fn(*args, **kwargs), in a worker thread when `size` (bytes or characters of input) makes it long."""
+    if size < OFFLOAD_BYTES:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
-        async def send_status(message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
 
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            path = scope["path"] if scope["path"] in ENDPOINTS else "other"
-            self.metrics.requests.labels(path, str(status[0])).inc()
+def _error_response(err: APIError) -> Response:
+    # ensure_ascii: a message can quote client text, and no lone surrogate may break the error itself
+    return Response(json.dumps(err.body()), status_code=err.status, headers=err.headers,
+                    media_type="application/json")  # fmt: skip
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down; retry on another instance", type="service_unavailable",
+                    code="server_shutting_down")  # fmt: skip
 
 
 class Server:
@@ -121,7 +124,8 @@ class Server:
         self.engine: Engine | None = None
         self.tokenizer: Tokenizer | None = None
         self.texts: TokenTexts | None = None
-        self.error: str | None = None
+        self.error: str | None = None  # why the load failed (for the log; clients get a generic message)
+        self.shutting_down = False
         self.metrics = ServerMetrics(lambda: self.engine)
         self.on_load_failure: Callable[[], None] | None = None
 
@@ -148,10 +152,15 @@ class Server:
                 folder, dtype=a.dtype, device=device, quantize=a.quantize, progress=False, adapter=a.adapter
             )
             tokenizer = Tokenizer.from_pretrained(folder)
+            context = model.config.max_position_embeddings
+            if a.max_model_len is not None and a.max_model_len > context:
+                raise ValueError(f"--max-model-len {a.max_model_len} is more than the model's context "
+                                 f"(max_position_embeddings {context})")  # fmt: skip
             engine = Engine(
                 model, tokenizer, max_concurrency=a.max_concurrency, max_queue=a.max_queue,
                 prefill_chunk=a.prefill_chunk, prompt_cache_bytes=int(a.prompt_cache_mb * 2**20),
                 eos_token_ids=eos_token_ids(folder, model.config.eos_token_id, tokenizer),
+                max_model_len=a.max_model_len or context,
             )  # fmt: skip
             engine.start()
             self.tokenizer, self.texts = tokenizer, TokenTexts(tokenizer)
@@ -165,7 +174,7 @@ class Server:
 
     def require(self, model: str | None) -> tuple[Engine, Tokenizer]:
         if self.engine is None or self.tokenizer is None:
-            detail = f"the model failed to load: {self.error}" if self.error else "the model is still loading"
+            detail = "the model failed to load (see the server log)" if self.error else "the model is still loading"
             raise APIError(503, detail, type="service_unavailable", code="model_not_ready")
         if model is not None and model != self.model_name:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
@@ -178,12 +187,28 @@ class Server:
         if body.n is not None and body.n != 1:
             raise APIError(400, f"n={body.n}: only one choice per request is supported (n must be 1)",
                            param="n", code="unsupported_value")  # fmt: skip
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options",
+                           code="invalid_value")  # fmt: skip
         limit = self.args.max_tokens_limit
         field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        max_tokens = default_max if getattr(body, field) is None else getattr(body, field)
-        if max_tokens > limit:
+        max_tokens = getattr(body, field)
+        if max_tokens is not None and max_tokens > limit:
             raise APIError(400, f"{field}: {max_tokens} is more than this server allows ({limit})",
                            param=field, code="invalid_value")  # fmt: skip
+        context = self.engine.max_model_len if self.engine is not None else limit
+        where = "messages" if isinstance(body, ChatRequest) else "prompt"
+        if len(ids) + (0 if max_tokens == 0 else 1) > context:  # max_tokens 0: echo scores the prompt only
+            raise APIError(400, f"{where}: the prompt is {len(ids)} tokens; this model's context is {context} "
+                           "tokens (--max-model-len), with room for at least one generated token",
+                           param=where, code="context_length_exceeded")  # fmt: skip
+        if max_tokens is None:  # the default shrinks to what the context leaves
+            max_tokens = min(default_max, context - len(ids))
+        elif len(ids) + max_tokens > context:
+            raise APIError(400, f"{field}: the prompt ({len(ids)} tokens) + {field} ({max_tokens}) = "
+                           f"{len(ids) + max_tokens} tokens is more than this model's context of {context} tokens "
+                           f"(--max-model-len); reduce the prompt or {field}", param=field,
+                           code="context_length_exceeded")  # fmt: skip
         temperature = 1.0 if body.temperature is None else body.temperature
 
         def value(x, default):
@@ -212,12 +237,16 @@ class Server:
             self._cancel(rids)
             raise APIError(429, "the server is at capacity (--max-queue); retry shortly", type="rate_limit_exceeded",
                            code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None  # fmt: skip
+        except ShuttingDown:
+            self._cancel(rids)
+            raise _shutting_down() from None
         except ValueError as exc:
             self._cancel(rids)
             raise APIError(400, str(exc), param="messages" if kind == "chat" else "prompt") from None
         if body.stream:
             return StreamingResponse(
-                self._stream(channel, rids, builder, received), media_type="text/event-stream",
+                self._stream(channel, rids, builder, received, request.state.request_id),
+                media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 background=BackgroundTask(self._cancel, rids),  # also when the stream never started
             )  # fmt: skip
@@ -227,6 +256,14 @@ class Server:
         assert self.engine is not None
         for rid in rids:
             self.engine.cancel(rid)
+
+    @staticmethod
+    def failure_error(event: Failure, rid: int, request_id: str) -> APIError:
+        """The client's view of an engine Failure; its detail goes to the log only."""
+        if event.shutdown:
+            return _shutting_down()
+        log.error("request %s (engine request %d) failed: %s", request_id, rid, event.message)
+        return APIError(500, GENERIC_500.format(request_id), type="server_error", code="internal_error")
 
     def _finished(self, last: Output) -> None:
         self.metrics.prompt_tokens.inc(last.prompt_tokens)
@@ -248,7 +285,7 @@ class Server:
                 index, event = get.result()
                 if isinstance(event, Failure):
                     self._cancel(rids)
-                    raise APIError(500, event.message, type="server_error")
+                    raise self.failure_error(event, rids[index], request.state.request_id)
                 if isinstance(event, Output):
                     if not any(outputs):
                         self.metrics.ttft.observe(time.monotonic() - received)
@@ -261,8 +298,8 @@ class Server:
             self._finished(outs[-1])
         return JSONResponse(builder.whole(outputs))
 
-    async def _stream(self, channel: _Channel, rids: list[int], builder: ResponseBuilder,
-                      received: float) -> AsyncIterator[str]:  # fmt: skip
+    async def _stream(self, channel: _Channel, rids: list[int], builder: ResponseBuilder, received: float,
+                      request_id: str) -> AsyncIterator[str]:  # fmt: skip
         complete = False
         started = [False] * len(rids)
         lasts: list[Output | None] = [None] * len(rids)
@@ -279,7 +316,7 @@ class Server:
                     yield KEEP_ALIVE
                     continue
                 if isinstance(event, Failure):
-                    yield _sse(APIError(500, event.message, type="server_error").body())
+                    yield f"data: {json.dumps(self.failure_error(event, rids[index], request_id).body())}\n\n"
                     break
                 if not any(started):
                     self.metrics.ttft.observe(time.monotonic() - received)
@@ -317,17 +354,18 @@ def create_app(args: argparse.Namespace) -> FastAPI:
     app.state.server = server
 
     @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    async def api_error(request: Request, exc: APIError) -> Response:
+        return _error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        err = APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
-        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        err = APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None,
+                       headers=getattr(exc, "headers", None))  # fmt: skip
+        return _error_response(err)
 
     @app.exception_handler(RequestValidationError)
-    async def request_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(APIError(400, str(exc)).body(), status_code=400)
+    async def request_error(request: Request, exc: RequestValidationError) -> Response:
+        return _error_response(APIError(400, str(exc)))
 
     async def authorize(request: Request) -> None:
         if not args.api_key:
@@ -341,10 +379,16 @@ def create_app(args: argparse.Namespace) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if server.engine is not None:
-            return JSONResponse({"status": "ok"})
+        engine = server.engine
+        if engine is not None:
+            h = engine.health()
+            problem = ("shutting_down" if server.shutting_down else "engine_stopped" if not h["alive"]
+                       else "leaked_slots" if h["untracked"] else "stalled" if h["stalled_s"] > args.stall_timeout
+                       else None)  # fmt: skip
+            return JSONResponse({"status": problem or "ok", **h}, status_code=503 if problem else 200)
         if server.error is not None:
-            return JSONResponse({"status": "error", "message": server.error}, status_code=503)
+            return JSONResponse({"status": "error", "message": "the model failed to load (see the server log)"},
+                                status_code=503)  # fmt: skip
         return JSONResponse({"status": "loading"}, status_code=503)
 
     @app.get("/metrics", dependencies=auth)
@@ -368,12 +412,14 @@ def create_app(args: argparse.Namespace) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request) -> Response:
         received = time.monotonic()
-        body: ChatRequest = parse_body(await request.body(), ChatRequest)
+        raw = await request.body()
+        body: ChatRequest = await _offload(len(raw), parse_body, raw, ChatRequest)
         _, tokenizer = server.require(body.model)
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         try:
-            ids = tokenizer.apply_chat_template([m.as_template_input() for m in body.messages], tokenize=True)
+            ids = await _offload(len(raw), tokenizer.apply_chat_template,
+                                 [m.as_template_input() for m in body.messages], tokenize=True)  # fmt: skip
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages", code="invalid_value") from None
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -385,18 +431,20 @@ def create_app(args: argparse.Namespace) -> FastAPI:
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request) -> Response:
         received = time.monotonic()
-        body: CompletionRequest = parse_body(await request.body(), CompletionRequest)
+        raw = await request.body()
+        body: CompletionRequest = await _offload(len(raw), parse_body, raw, CompletionRequest)
         engine, tokenizer = server.require(body.model)
         prompts = body.prompts()
         most = args.max_concurrency + args.max_queue
         if len(prompts) > most:
             raise APIError(400, f"{len(prompts)} prompts: this server takes at most {most} per request "
                            "(--max-concurrency + --max-queue)", param="prompt", code="invalid_value")  # fmt: skip
+        refuse_unsupported(body)
         vocab = engine.config.vocab_size
         gens, echoes = [], []
         for i, prompt in enumerate(prompts):
             # text gets the tokenizer's bos; token ids are scored and continued exactly as sent
-            ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            ids = await _offload(len(prompt), tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
             if not ids or any(not 0 <= t < vocab for t in ids):
                 where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
                 raise APIError(400, f"{where} must be text or a non-empty list of token ids in [0, {vocab})",
@@ -423,114 +471,46 @@ def create_app(args: argparse.Namespace) -> FastAPI:
             "tokenizer_class": "zamba2.Tokenizer", "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
             "unk_token": tokenizer.unk_token, "pad_token": tokenizer.pad_token,
             "add_bos_token": tokenizer.add_bos_token, "add_eos_token": tokenizer.add_eos_token,
-            "chat_template": tokenizer.chat_template, "model_max_length": engine.config.max_position_embeddings,
+            "chat_template": tokenizer.chat_template, "model_max_length": engine.max_model_len,
             "vocab_size": engine.config.vocab_size,
         }  # fmt: skip
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(request: Request) -> dict[str, Any]:
-        body: TokenizeRequest = parse_body(await request.body(), TokenizeRequest)
+        raw = await request.body()
+        body: TokenizeRequest = await _offload(len(raw), parse_body, raw, TokenizeRequest)
         engine, tokenizer = server.require(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "pass exactly one of prompt and messages", param="prompt", code="invalid_value")
         if body.messages is not None:
             try:
-                ids = tokenizer.apply_chat_template([m.as_template_input() for m in body.messages],
-                                                    add_generation_prompt=body.add_generation_prompt is not False,
-                                                    tokenize=True)  # fmt: skip
+                ids = await _offload(len(raw), tokenizer.apply_chat_template,
+                                     [m.as_template_input() for m in body.messages],
+                                     add_generation_prompt=body.add_generation_prompt is not False, tokenize=True)
             except ValueError as exc:
                 raise APIError(400, str(exc), param="messages", code="invalid_value") from None
         else:
-            ids = tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens is not False)
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_position_embeddings}
+            ids = await _offload(len(raw), tokenizer.encode, body.prompt or "",
+                                 add_special_tokens=body.add_special_tokens is not False)  # fmt: skip
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize", dependencies=auth)
     async def detokenize(request: Request) -> dict[str, Any]:
-        body: DetokenizeRequest = parse_body(await request.body(), DetokenizeRequest)
+        raw = await request.body()
+        body: DetokenizeRequest = await _offload(len(raw), parse_body, raw, DetokenizeRequest)
         _, tokenizer = server.require(body.model)
         try:
-            return {"prompt": tokenizer.decode(body.tokens)}
+            return {"prompt": await _offload(len(raw), tokenizer.decode, body.tokens)}
         except ValueError as exc:
             raise APIError(400, str(exc), param="tokens", code="invalid_value") from None
 
     if args.cors_origins:
         origins = [o.strip() for o in args.cors_origins.split(",") if o.strip()]
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
-    app.add_middleware(_CountRequests, metrics=server.metrics)
+    app.add_middleware(Guard, metrics=server.metrics, endpoints=ENDPOINTS, max_body=args.max_request_bytes,
+                       body_timeout=args.body_timeout)  # fmt: skip
     return app
 
 
-# ---- command line --------------------------------------------------------------------------------
-
-
-def _positive(kind: type):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
-
-
-def _dtype(text: str) -> str:
-    from zamba2.checkpoint import resolve_dtype
-
-    try:
-        resolve_dtype(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zamba2 serve", description="OpenAI-compatible server for Zamba2 models")
-    p.add_argument("--model", required=True, help="model folder or hub id (org/name)")
-    p.add_argument("--served-model-name", help="the name clients pass as `model` (default: --model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (not on /health)")
-    p.add_argument("--cors-origins", help="comma-separated origins allowed by CORS (e.g. http://localhost:3000)")
-    p.add_argument("--max-concurrency", type=_positive(int), default=8, help="sequences decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
-    p.add_argument("--max-tokens-limit", type=_positive(int), default=4096, help="largest max_tokens accepted")
-    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantisation at load")
-    p.add_argument("--adapter", type=adapter_folder, metavar="FOLDER", help="apply a LoRA adapter (PEFT's format)")
-    p.add_argument("--dtype", type=_dtype, default="auto", help="auto (config.json), fp32, bf16, fp16")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--threads", type=_positive(int), help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the mixer decode step (faster batched decode)")
-    p.add_argument("--prompt-cache-mb", type=float, default=1024.0, help="prompt-state snapshots (0 = off)")
-    p.add_argument("--prefill-chunk", type=_positive(int), default=PREFILL_CHUNK,
-                   help="prompt tokens prefilled per engine iteration")  # fmt: skip
-    p.add_argument("--keep-alive", type=_positive(float), default=10.0,
-                   help="seconds between SSE keep-alive comments while a stream waits")  # fmt: skip
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--access-log", action="store_true", help="log every request")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.max_queue < 0:
-        raise SystemExit("--max-queue must be >= 0")
-    try:
-        allocator.tune()  # keep activation memory between prompt chunks (see zamba2/allocator.py)
-    except ValueError as err:
-        parser.error(str(err))
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(args)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            access_log=args.access_log, timeout_graceful_shutdown=5)  # fmt: skip
-    server = uvicorn.Server(config)
-    state: Server = app.state.server
-
-    def stop() -> None:
-        server.should_exit = True
-
-    state.on_load_failure = stop
-    server.run()
-    return 1 if state.error is not None else 0
+# The command line lives in command.py; these names stay importable from here.
+from zamba2.serve.command import build_parser, main  # noqa: E402, F401

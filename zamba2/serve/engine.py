@@ -426,10 +426,11 @@ class Engine:
         try:
             if self._state_rows is None:
                 self._state_rows = batching.StateRows(self.config, self.max_concurrency, self.dtype, self.device)
-            self._batch = batching.insert_rows(
-                self._batch, [s.cache for s in joined], capacity=longest + min(left, KV_HEADROOM),
-                pool=self._state_rows,
-            )  # fmt: skip
+            # No row outgrows max_model_len, nor does the batch (its length is its longest row's): capped there,
+            # the cache never doubles, and its K/V stay within max_concurrency x max_model_len columns.
+            capacity = min(longest + min(left, KV_HEADROOM), self.max_model_len)
+            self._batch = batching.insert_rows(self._batch, [s.cache for s in joined], capacity=capacity,
+                                               pool=self._state_rows)  # fmt: skip
         except Exception as exc:  # the running batch is unchanged: only the joining requests fail
             log.exception("joining %d requests to the batch failed", len(joined))
             for seq in joined:

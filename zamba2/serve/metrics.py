@@ -33,7 +33,15 @@ class _EngineCollector(Collector):
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(name, doc, value=value)
 
+        h = e.health() if e is not None else {"outstanding": 0, "untracked": 0, "stalled_s": 0.0}
         yield gauge("zamba2_queue_depth", "Requests waiting for a slot", e.queue_depth if e else 0)
+        yield gauge("zamba2_outstanding_requests", "Requests submitted and not finished (queued + active)",
+                    h["outstanding"])  # fmt: skip
+        yield gauge("zamba2_untracked_requests", "Outstanding requests in no engine list: leaked slots (0 normally)",
+                    h["untracked"])  # fmt: skip
+        yield gauge("zamba2_engine_stalled_seconds", "How long the engine has gone without progress with work "
+                    "outstanding", h["stalled_s"])  # fmt: skip
+        yield counter("zamba2_failed_requests", "Requests ended by an error", stats.failed if stats else 0)
         yield gauge("zamba2_active_sequences", "Sequences being prefilled or decoded", e.active if e else 0)
         yield gauge("zamba2_decode_tokens_per_second", "Aggregate decode rate over the latest steps",
                     stats.decode_tokens_per_s if stats else 0.0)  # fmt: skip

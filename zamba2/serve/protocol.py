@@ -2,7 +2,9 @@
 response / stream-chunk objects built from engine Outputs.
 
 Every optional parameter accepts null, meaning "the default". Errors have the OpenAI shape
-{"error": {"message", "type", "param", "code"}} and name the offending field in `param`.
+{"error": {"message", "type", "param", "code"}} and name the offending field in `param`. Before validation a
+body is checked as a whole (`parse_body`): JSON nested deeper than MAX_DEPTH and strings that are not valid
+Unicode (a lone surrogate such as "\\udfff" is valid JSON but no text) are 400s naming the field.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from zamba2.serve.engine import MAX_TOP_LOGPROBS, Output, TokenLogprob
 from zamba2.tokenizer import StreamDecoder, Tokenizer
 
 MAX_STOP = 16
+MAX_DEPTH = 64  # JSON nesting; a chat body needs about 6
 
 
 class APIError(Exception):
@@ -62,6 +65,16 @@ class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for i, part in enumerate(value):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(f"content[{i}] is a {kind!r} part; only 'text' parts are supported")
+        return value
 
     def as_template_input(self) -> dict[str, Any]:
         content = self.content
@@ -114,6 +127,8 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = None  # the prompt comes first in text and logprobs
     max_tokens: int | None = Field(None, ge=0)  # 0: with echo, score the prompt only
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: one string or token-id list per choice."""
@@ -121,6 +136,15 @@ class CompletionRequest(SamplingFields):
         if isinstance(p, str) or not p or isinstance(p[0], int):
             return [p]  # type: ignore[list-item]
         return list(p)  # type: ignore[arg-type]
+
+
+def refuse_unsupported(body: CompletionRequest) -> None:
+    """Fields that would change what the response means are refused rather than ignored."""
+    if body.best_of is not None and body.best_of > 1:
+        raise APIError(400, f"best_of={body.best_of}: only one candidate per request is supported",
+                       param="best_of", code="unsupported_value")  # fmt: skip
+    if body.suffix:
+        raise APIError(400, "suffix (insertion) is not supported", param="suffix", code="unsupported_value")
 
 
 class TokenizeRequest(_Body):
@@ -162,15 +186,43 @@ def validation_error(err: ValidationError) -> APIError:
     return APIError(400, f"{param or 'body'}: {' or '.join(messages)}", param=param, code=code)
 
 
+def check_json(data: Any) -> None:
+    """400 for nesting deeper than MAX_DEPTH or a string (key or value) that is not valid Unicode, naming where.
+    Iterative, so a deep body cannot exhaust the stack here."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise APIError(400, f"{path or 'body'}: JSON nested deeper than {MAX_DEPTH} levels", param=path or None,
+                           code="invalid_json")  # fmt: skip
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                bad = ord(value[exc.start])
+                raise APIError(400, f"{path or 'body'}: not valid Unicode text (a lone surrogate \\u{bad:04x} at "
+                               f"character {exc.start})", param=path or None, code="invalid_value") from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, path or "body", depth + 1))
+                stack.append((item, f"{path}.{key}" if path else str(key), depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+
+
 def parse_body(raw: bytes, cls: type[BaseModel]) -> Any:
     import json
 
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, f"the request body is JSON nested too deeply (more than {MAX_DEPTH} levels)",
+                       code="invalid_json") from None  # fmt: skip
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    check_json(data)
     try:
         return cls.model_validate(data)
     except ValidationError as exc:

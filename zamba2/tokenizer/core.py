@@ -192,7 +192,12 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         # The backend's own post-processor is bypassed so tokenizer_config.json alone decides bos/eos.
-        ids = self._with_special(self.backend.encode(text, add_special_tokens=False).ids, add_special_tokens)
+        if len(text) < 4096:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        else:  # same ids, but encode_batch releases the GIL (encode holds it: ~1 s per MB of text), so a long
+            # text tokenised in a worker thread (the server) does not stop every other thread meanwhile
+            ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids
+        ids = self._with_special(ids, add_special_tokens)
         if return_tensors is None:
             return ids
         check_options(False, None, return_tensors, self.padding_side, self.truncation_side)
