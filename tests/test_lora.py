@@ -433,3 +433,39 @@ def test_serve_loads_adapter(trained):
         assert maxdiff(out(server.engine.model), out(model)) == 0
     finally:
         server.engine.stop()
+
+
+@pytest.mark.parametrize("layout", ["single-use", "repeated"])
+def test_merged_checkpoint_for_transformers(tmp_path, layout):
+    """merge_and_unload + save_pretrained: an ordinary checkpoint that transformers loads with the adapter's
+    logits; a model still carrying adapters (per-use ones on a shared block used twice) refuses to save."""
+    model = ours(layout)
+    lora.add_lora(model, rank=4, alpha=8)
+    randomise(model.named_parameters(), std=0.05)
+    with_adapter = out(model)
+    with pytest.raises(ValueError, match="carries LoRA adapters"):
+        model.save_pretrained(tmp_path)
+    kept = lora.merge_and_unload(model)
+    if kept:
+        with pytest.raises(ValueError, match="carries LoRA adapters"):
+            model.save_pretrained(tmp_path)
+        return
+    assert not lora.has_lora(model)
+    model.save_pretrained(tmp_path)
+    ref = transformers.Zamba2ForCausalLM.from_pretrained(tmp_path).eval()
+    d, scale = maxdiff(peft_out(ref), with_adapter), with_adapter.abs().max().item()
+    assert d < 1e-5 * scale, f"transformers on the merged checkpoint vs ours with the adapter: {d}"
+
+
+def test_gradient_checkpointing_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = ours().train()
+        lora.add_lora(model, rank=2, alpha=4)
+        randomise(model.named_parameters(), std=0.05)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids=IDS, attention_mask=MASK, labels=IDS).loss.backward()
+        grads.append({n: p.grad for n, p in lora.trainable_parameters(model)})
+    worst = max(maxdiff(grads[0][n], grads[1][n]) for n in grads[0])
+    assert worst < 1e-6, f"LoRA gradients with vs without gradient checkpointing: {worst}"

@@ -84,6 +84,13 @@ def save_pretrained(
     """
     if not safe_serialization:
         raise ValueError("only safetensors are written (safe_serialization=False is not supported)")
+    lora = [k for k in model.state_dict() if ".lora_A." in k]
+    if lora:  # a checkpoint with adapter tensors in it would load nowhere (ours and transformers refuse the keys)
+        raise ValueError(
+            f"cannot save: the model carries LoRA adapters ({lora[0]}, ...): save them with "
+            "zamba2.train.lora.save_adapter, or merge them in with merge_and_unload first (per-use adapters on "
+            "a shared block serving several hybrid layers cannot merge)"
+        )
     limit = parse_size(max_shard_size)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
