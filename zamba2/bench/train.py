@@ -180,9 +180,11 @@ class AdamWRunner:
             from zamba2.model import Zamba2ForCausalLM
 
             model = Zamba2ForCausalLM(bench_config(args))
-        shapes = [p.shape for p in {id(p): p for p in model.parameters()}.values()]
-        if args.lora:  # the adapters' shapes: rank x in and out x rank for every targeted linear use
-            shapes = [s for s in shapes if len(s) == 2 and min(s) == args.lora]
+            if args.lora:  # the adapters' shapes (on meta: no memory)
+                from zamba2.train.lora import add_lora
+
+                add_lora(model, rank=args.lora, alpha=2 * args.lora)
+        shapes = [p.shape for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
         self.params = [torch.full(s, 0.01, requires_grad=True) for s in shapes]
         for p in self.params:
             p.grad = torch.full_like(p, 1e-3)
@@ -278,7 +280,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raw: dict[str, Any] = {"rounds": {}, "info": {}, "memory": {}}
     _rounds(impls, args, raw)
     if not args.no_adamw:  # afterwards: beside two training states it could run out of memory
-        _rounds(["adamw"], args, raw)
+        try:
+            _rounds(["adamw"], args, raw)
+        except RuntimeError as err:  # the training figures stand without it
+            print(f"zamba2 bench train: AdamW comparison skipped: {err}", file=sys.stderr)
+            raw["rounds"].pop("adamw", None)
     return raw
 
 
