@@ -122,6 +122,8 @@ class TrainRunner:
             for p in self.model.parameters():
                 p.requires_grad_(True)
         self.model.train()
+        if args.grad_checkpointing:
+            self.model.gradient_checkpointing_enable()
         params = [p for p in {id(p): p for p in self.model.parameters()}.values() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-5, **OPTIMIZERS[args.adamw])
         self.ids = prompt(args.batch, args.tokens, config.vocab_size)
@@ -250,6 +252,7 @@ class TrainWorker(WorkerProcess):
 def _argv(args: argparse.Namespace) -> list[str]:
     argv = ["--arch", args.arch, "--layers", str(args.layers), "--tokens", str(args.tokens), "--batch", str(args.batch),
             "--seed", str(args.seed), "--adamw", args.adamw, "--threads", str(torch.get_num_threads())]  # fmt: skip
+    argv += ["--grad-checkpointing"] if args.grad_checkpointing else []
     return argv + (["--lora", str(args.lora)] if args.lora else [])
 
 
@@ -356,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", type=int, metavar="RANK", help="LoRA of this rank on the full 1.2B architecture")
     p.add_argument("--adamw", choices=list(OPTIMIZERS), default="fused", help="the workers' AdamW implementation")
     p.add_argument("--no-adamw", action="store_true", help="skip the AdamW comparison worker")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer in backward (both sides)")
     p.add_argument("--only", choices=["ours", "ref"])
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0)
