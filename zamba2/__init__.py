@@ -5,9 +5,14 @@ for building the whole model stack.
 """
 
 from importlib import import_module
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# The model shipped inside the package (a 16M Zamba2 trained on Shakespeare by recipes/default_model; its
+# README.md is the model card): what `zamba2 generate`, `chat`, `serve` and the demo use without --model.
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "shakespeare"
 
 _PUBLIC = {
     "Zamba2Config": "zamba2.config",
@@ -34,6 +39,7 @@ __all__ = [
     "AutoModelForSequenceClassification",
     "AutoTokenizer",
     "GenerationConfig",
+    "DEFAULT_MODEL",
     "HybridCache",
     "Tokenizer",
     "Zamba2Config",

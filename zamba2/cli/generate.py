@@ -34,6 +34,18 @@ def _device(name: str):
     return device
 
 
+def default_model(path_or_id: str | None, command: str) -> str:
+    """--model, or the shipped default model (said on stderr) when it is not given."""
+    if path_or_id is not None:
+        return path_or_id
+    import zamba2
+
+    note = "a small Zamba2 trained on Shakespeare: it writes pseudo-Shakespeare, it does not answer questions"
+    print(f"zamba2 {command}: no --model given; using the default model {zamba2.DEFAULT_MODEL} ({note})",
+          file=sys.stderr)  # fmt: skip
+    return str(zamba2.DEFAULT_MODEL)
+
+
 def _resolve(path_or_id: str, revision: str | None, quiet: bool) -> Path:
     from zamba2 import checkpoint
 
@@ -252,6 +264,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.system is not None and not args.chat:
         raise UsageError("--system needs --chat")
     prompt = _read_prompt(args)
+    args.model = default_model(args.model, "generate")
     folder = _resolve(args.model, args.revision, args.quiet)
     tokenizer = _load_tokenizer(folder, need_chat=args.chat)
     if args.chat:
@@ -285,6 +298,7 @@ CHAT_HELP = "commands: /reset clears the conversation, /exit quits; Ctrl-C stops
 
 def cmd_chat(args: argparse.Namespace) -> int:
     s = _sampling(args)
+    args.model = default_model(args.model, "chat")
     folder = _resolve(args.model, args.revision, args.quiet)
     tokenizer = _load_tokenizer(folder, need_chat=True)
     loaded = _load(folder, tokenizer, args)

@@ -88,8 +88,9 @@ def _common(parent: argparse.ArgumentParser) -> None:
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--model", "-m", required=True, type=_model_name, metavar="PATH_OR_ID",
-                   help="model folder, or hub id such as Zyphra/Zamba2-1.2B-instruct")  # fmt: skip
+    g.add_argument("--model", "-m", type=_model_name, metavar="PATH_OR_ID",
+                   help="model folder, or hub id such as Zyphra/Zamba2-1.2B-instruct (default: the shipped "
+                   "Shakespeare model, zamba2.DEFAULT_MODEL)")  # fmt: skip
     g.add_argument("--revision", help="hub branch, tag or commit (hub ids only)")
     g.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype; auto = config.json's (default)")
     g.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, mps")

@@ -49,7 +49,7 @@ def _dtype(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zamba2 serve", description="OpenAI-compatible server for Zamba2 models")
-    p.add_argument("--model", required=True, help="model folder or hub id (org/name)")
+    p.add_argument("--model", help="model folder or hub id (org/name); default: the shipped zamba2.DEFAULT_MODEL")
     p.add_argument("--served-model-name", help="the name clients pass as `model` (default: --model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    from zamba2.cli.generate import default_model
+
+    args.model = default_model(args.model, "serve")
     if args.max_queue < 0:
         parser.error("--max-queue must be >= 0")
     if args.shutdown_grace < 0:
