@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,9 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from card import model_card  # noqa: E402
 
 from zamba2 import Zamba2Config, Zamba2ForCausalLM  # noqa: E402
 from zamba2.tokenizer import Tokenizer  # noqa: E402
@@ -73,14 +77,72 @@ def training_summary(build: Path) -> dict:
             "train_targets_per_epoch": start.get("train_targets")}  # fmt: skip
 
 
+def bigram_baseline(build: Path, tok, heldout: list[Path]) -> dict[str, float]:
+    """Perplexity of an interpolated token bigram fitted on the training split (the figure to beat):
+    p(w | v) = lam * c(v, w) / c(v) + (1 - lam) * p1(w), p1 the add-one unigram; the best lam of a small grid."""
+    import numpy as np
+
+    def ids_of(path: Path) -> np.ndarray:
+        return np.array(tok.encode(path.read_text(encoding="utf-8")) + [tok.eos_token_id], dtype=np.int64)
+
+    train = [ids_of(p) for p in sorted((build / "train").glob("*.txt"))]
+    V = tok.vocab_size
+    uni = np.ones(V)
+    pairs: dict[int, int] = {}
+    for ids in train:
+        np.add.at(uni, ids, 1)
+        for key in (ids[:-1] * V + ids[1:]).tolist():
+            pairs[key] = pairs.get(key, 0) + 1
+    ctx = uni - 1  # counts of each token as a context (all but the add-one)
+    p1 = uni / uni.sum()
+    best: dict[str, float] = {}
+    for lam in (0.5, 0.6, 0.7, 0.8, 0.9):
+        row = {}
+        for path in heldout:
+            ids = ids_of(path)
+            v, w = ids[:-1], ids[1:]
+            c = np.array([pairs.get(k, 0) for k in (v * V + w).tolist()], dtype=np.float64)
+            p2 = np.where(ctx[v] > 0, c / np.maximum(ctx[v], 1), 0.0)
+            row[path.name] = float(np.exp(-np.mean(np.log(lam * p2 + (1 - lam) * p1[w]))))
+        if not best or sum(row.values()) < sum(best.values()):
+            best = row
+    return best
+
+
+def evaluate(build: Path) -> dict:
+    from zamba2.eval import score_tokens
+    from zamba2.eval.perplexity import Document
+    from zamba2.eval.quality import format_table, quality_table
+
+    heldout = [build / "heldout" / "macbeth_gut.txt", build / "heldout" / "tempest_gut.txt",
+               build / "sonnets" / "sonnets_gut.txt"]  # fmt: skip
+    docs = [Document(p.name, p.read_text(encoding="utf-8")) for p in heldout]
+    table = quality_table(DEST, docs, CONTEXT, STRIDE)
+    print(format_table(table), file=sys.stderr)
+    model = Zamba2ForCausalLM.from_pretrained(DEST, progress=False).eval()
+    tok = Tokenizer.from_pretrained(DEST)
+    ids = tok.encode(EXCERPT.read_text(encoding="utf-8"))
+    excerpt = math.exp(-float(score_tokens(model, ids).logprobs.double().mean()))
+    return {"context_length": CONTEXT, "stride": STRIDE, "heldout": table,
+            "excerpt": {"file": "tests/fixtures/macbeth-excerpt.txt", "tokens": len(ids), "perplexity": excerpt},
+            "bigram": bigram_baseline(build, tok, heldout), "training": training_summary(build)}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("build", type=Path, nargs="?", default=Path("build/default-model"))
     p.add_argument("--checkpoint", action="store_true", help="export the newest checkpoint of a run in progress")
+    p.add_argument("--no-eval", action="store_true", help="export only (no figures, no card)")
     args = p.parse_args()
     t = time.time()
     export(args.build, args.checkpoint)
     print(f"exported to {DEST} in {time.time() - t:.1f} s", file=sys.stderr)
+    if args.no_eval:
+        return
+    figures = evaluate(args.build)
+    (DEST / "evaluation.json").write_text(json.dumps(figures, indent=1) + "\n")
+    (DEST / "README.md").write_text(model_card(figures))
+    print(f"figures and model card written in {time.time() - t:.1f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

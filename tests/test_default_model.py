@@ -1,0 +1,66 @@
+"""The model shipped in the package (zamba2.DEFAULT_MODEL): its files, its figures, and the CLI default.
+
+The perplexity check is the tripwire for loaders and kernels: a broken key map, dtype conversion or scan shows
+up as a perplexity far from the one recorded when the model was exported (evaluation.json, also in the card).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import zamba2
+from zamba2 import Zamba2ForCausalLM
+from zamba2.eval import score_tokens
+from zamba2.tokenizer import Tokenizer
+
+EXCERPT = Path(__file__).parent / "fixtures" / "macbeth-excerpt.txt"  # held out: never trained on
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def figures() -> dict:
+    return json.loads((zamba2.DEFAULT_MODEL / "evaluation.json").read_text())
+
+
+def excerpt_perplexity(model, tok) -> float:
+    ids = tok.encode(EXCERPT.read_text(encoding="utf-8"))
+    return math.exp(-float(score_tokens(model, ids).logprobs.double().mean()))
+
+
+def test_shipped_files():
+    folder = zamba2.DEFAULT_MODEL
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "README.md", "evaluation.json"):  # fmt: skip
+        assert (folder / name).is_file(), name
+    assert (folder / "model.safetensors").stat().st_size < 64 * 2**20
+    card = (folder / "README.md").read_text()
+    for needle in ("macbeth_gut.txt", "tempest_gut.txt", "make default-model", "does not answer questions"):
+        assert needle in card, needle
+
+
+def test_perplexity_on_a_held_out_excerpt_matches_the_card(figures):
+    model = Zamba2ForCausalLM.from_pretrained(zamba2.DEFAULT_MODEL, progress=False).eval()
+    assert model.dtype == torch.bfloat16
+    ppl = excerpt_perplexity(model, Tokenizer.from_pretrained(zamba2.DEFAULT_MODEL))
+    recorded = figures["excerpt"]["perplexity"]
+    print(f"excerpt perplexity {ppl:.3f}, recorded {recorded:.3f}")
+    assert abs(ppl / recorded - 1) < 0.01
+    assert figures["heldout"]["bf16"]["macbeth_gut.txt"] <= 110
+    assert figures["heldout"]["bf16"]["tempest_gut.txt"] <= 110
+
+
+def test_cli_uses_the_default_model_without_model_flag():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "zamba2", "generate", "--max-new-tokens", "8", "--seed", "0",
+                        "To be, or not to be"], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "using the default model" in r.stderr
+    assert r.stdout.strip()
