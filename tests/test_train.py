@@ -233,3 +233,29 @@ def test_cli_interrupt_writes_a_resumable_checkpoint(tmp_path, tokenizer_dir, co
     resumed = Trainer(TrainConfig(out=str(out), data=str(corpus), config="tiny", tokenizer=str(tokenizer_dir),
                                   seq_len=32, batch_size=2, steps=100000, resume=True, progress=False))  # fmt: skip
     assert resumed.progress.step == state["progress"]["step"]
+
+
+def test_lora_run_trains_only_adapters_and_resumes_exactly(tmp_path, tokenizer_dir, corpus):
+    from zamba2 import Zamba2ForCausalLM
+
+    Trainer(tiny_run(tmp_path / "base", corpus, tokenizer_dir, steps=1)).run()
+    base = str(tmp_path / "base")
+    lora = dict(model=base, config=None, tokenizer=None, lora_rank=4, lr=1e-2)
+    whole = Trainer(tiny_run(tmp_path / "a", corpus, tokenizer_dir, **lora))
+    whole.run()
+    first = Trainer(tiny_run(tmp_path / "b", corpus, tokenizer_dir, **lora))
+    while first.progress.step < 3:
+        first.train_step()
+    first.save_checkpoint()
+    Trainer(tiny_run(tmp_path / "b", corpus, tokenizer_dir, resume=True, **lora)).run()
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert a and all(".lora_" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), f"max diff {max(maxdiff(a[k], b[k]) for k in a):.3e}"
+    assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a)  # B moved off zero
+    # the base weights did not change
+    before = Zamba2ForCausalLM.from_pretrained(base, progress=False).state_dict()
+    after = {k: v for k, v in whole.model.state_dict().items() if ".lora_" not in k and ".base_layer" not in k}
+    for k, v in after.items():
+        if k in before:
+            assert torch.equal(before[k], v), k
