@@ -10,13 +10,13 @@ characters (lm_eval's acc_norm).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from zamba2.eval.perplexity import Scorer
+from zamba2.jsonl import objects
 
 
 @dataclass
@@ -49,16 +49,7 @@ def read_items(path: str | Path) -> list[Item]:
     """Items from a JSONL file; an error names the file, the line and the field."""
     path = Path(path)
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err})") from None
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected a JSON object with context, choices and answer")
+    for where, entry in objects(path):
         context, choices, answer = entry.get("context"), entry.get("choices"), entry.get("answer")
         if not isinstance(context, str):
             raise ValueError(f'{where}: "context" must be a string, got {type(context).__name__}')

@@ -13,11 +13,12 @@ a batch of token sequences: the local model (zamba2.eval.score_tokens) or a serv
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from zamba2.jsonl import objects
 
 # For each sequence, log p(seq[t] | seq[:t]) for t = 1 .. len(seq) - 1.
 Scorer = Callable[[list[list[int]]], list[list[float]]]
@@ -63,15 +64,8 @@ def read_documents(path: str | Path) -> list[Document]:
             raise ValueError(f"{path}: the file is empty")
         return [Document(str(path), raw)]
     docs = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err})") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("text"), str) or not entry["text"]:
+    for where, entry in objects(path, raw):
+        if not isinstance(entry.get("text"), str) or not entry["text"]:
             raise ValueError(f'{where}: expected an object with a non-empty string "text"')
         docs.append(Document(where, entry["text"]))
     if not docs:

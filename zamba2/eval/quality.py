@@ -9,7 +9,6 @@ few percent, while a broken layout multiplies the perplexity.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,9 +45,8 @@ def quality_table(
         model = Zamba2ForCausalLM.from_pretrained(folder, dtype=dtype, quantize=quantize,
                                                   quantize_group_size=group, progress=False).eval()  # fmt: skip
         scores = perplexity(LocalScorer(model), tok, documents, context_length, stride)
-        row = {s.name: math.exp(-s.logprob / s.tokens) for s in scores}
-        total = combined("all", scores)
-        row["all"] = math.exp(-total.logprob / total.tokens)
+        row = {s.name: s.perplexity for s in scores}
+        row["all"] = combined("all", scores).perplexity
         table[name] = row
     return table
 

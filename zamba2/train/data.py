@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from zamba2.jsonl import objects
 
 IGNORE = -100
 
@@ -48,18 +49,12 @@ class Sample:
     where: str = ""  # "file:line", named in errors
 
 
-def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
+def _objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """zamba2.jsonl.objects, its errors as DataError (what `zamba2 train` reports as bad data)."""
+    try:
+        yield from objects(path)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
 
 
 def read_samples(path: str | Path, task: str = "causal-lm") -> list[Sample]:
@@ -77,8 +72,7 @@ def read_samples(path: str | Path, task: str = "causal-lm") -> list[Sample]:
         samples = [Sample(text=p.read_text(encoding="utf-8"), where=str(p)) for p in files]
     elif path.suffix == ".jsonl":
         samples = []
-        for n, obj in _jsonl(path):
-            where = f"{path}:{n}"
+        for where, obj in _objects(path):
             if classify:
                 if "text" not in obj or "label" not in obj:
                     raise DataError(f"{where}: a classification line needs 'text' and 'label'")
