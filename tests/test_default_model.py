@@ -6,6 +6,7 @@ up as a perplexity far from the one recorded when the model was exported (evalua
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -66,3 +67,23 @@ def test_cli_uses_the_default_model_without_model_flag():
     assert r.returncode == 0, r.stderr
     assert "using the default model" in r.stderr
     assert r.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> Path:
+    return zamba2.DEFAULT_MODEL
+
+
+def test_eval_through_the_server_equals_eval_without_it(checkpoint):
+    """`zamba2 eval` on the shipped model (bf16) prints the same perplexity with and without --server."""
+    test_serve = pytest.importorskip("test_serve")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # windows of 256 tokens moving by 128: several windows, so the server scores a batch of prompts at once
+    base = [sys.executable, "-m", "zamba2", "eval", "--text", str(EXCERPT), "--context-length", "256", "-q"]
+    figures = []
+    with contextlib.contextmanager(test_serve.server.__wrapped__)(checkpoint) as url:
+        for extra in ([], ["--server", url, "--api-key", test_serve.KEY]):
+            r = subprocess.run(base + extra, capture_output=True, text=True, env=env, timeout=300)
+            assert r.returncode == 0, r.stderr
+            figures.append(r.stdout.strip())
+    assert figures[0].startswith("perplexity") and figures[0] == figures[1], figures

@@ -445,3 +445,20 @@ def test_context_limit_close_and_abort(model):
     for sink in (running, waiting):
         assert isinstance(sink.events[-1], Failure) and sink.events[-1].shutdown
     assert engine.outstanding == 0 and engine.stats.failed == 0
+
+
+def test_scored_prompts_equal_score_tokens_bitwise_under_load(model):
+    """bf16: the logprobs of scored prompts do not depend on what else the engine is prefilling."""
+    from zamba2.eval.scoring import score_tokens
+
+    bf16 = Zamba2ForCausalLM(model.config).eval()
+    bf16.load_state_dict(model.state_dict())
+    bf16.to(torch.bfloat16)
+    engine = Engine(bf16, prefill_chunk=16)  # fair shares of 16 tokens would split every prompt differently
+    prompts = [prompt(n, seed) for n, seed in ((70, 1), (45, 2), (90, 3))]
+    sinks = [submit(engine, ids, 1, prompt_logprobs=0) for ids in prompts]
+    sinks.append(submit(engine, prompt(60, 4), 3))  # a plain prompt prefilled beside them
+    run(engine, sinks)
+    for ids, sink in zip(prompts, sinks, strict=False):
+        got = [t.logprob for t in sink.outputs[0].prompt_logprobs]
+        assert got == score_tokens(bf16, ids).logprobs.tolist()

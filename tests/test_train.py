@@ -203,6 +203,7 @@ def test_cli_bad_input_is_one_line(tmp_path, tokenizer_dir, corpus):
         (["--data", str(corpus), "--seq-len", "1"], "--seq-len"),
         (["--data", str(tmp_path / "missing.txt")], "not found"),
         (["--data", str(corpus), "--task", "sequence-classification"], "--num-labels"),
+        (["--data", str(corpus), "--lora-rank", "4", "--lora-dropout", "1"], "[0, 1)"),
     ]
     for extra, needle in cases:
         r = _cli(*common, *extra)

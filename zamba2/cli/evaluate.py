@@ -54,7 +54,7 @@ def _files(paths: list[str], flag: str) -> list[Path]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from zamba2.checkpoint import read_config
-    from zamba2.cli.generate import _load, _load_tokenizer, _resolve
+    from zamba2.cli.generate import _load, _load_tokenizer, _resolve, default_model
     from zamba2.eval import choices as mc
     from zamba2.eval import perplexity as ppl
     from zamba2.eval.scorers import LocalScorer, ServerScorer
@@ -65,7 +65,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # read every input before loading anything: a bad line is reported at once
     documents = {path: ppl.read_documents(path) for path in texts}
     items = {path: mc.read_items(path) for path in items_files}
-    folder = _resolve(args.model, args.revision, args.quiet)
+    folder = _resolve(default_model(args.model, "eval"), args.revision, args.quiet)
     limit = read_config(folder).max_position_embeddings
     context = args.context_length or min(1024, limit)
     if context > limit:

@@ -43,8 +43,10 @@ class _Parser(argparse.ArgumentParser):
 # ---- argument types ------------------------------------------------------------------------------
 
 
-def _number(kind: type, lo: float, hi: float = math.inf, lo_open: bool = False, what: str = "") -> Callable:
-    """An argparse type: `kind` in [lo, hi] (or (lo, hi] when lo_open); NaN never passes."""
+def _number(
+    kind: type, lo: float, hi: float = math.inf, lo_open: bool = False, what: str = "", hi_open: bool = False
+) -> Callable:
+    """An argparse type: `kind` in [lo, hi] (an end excluded with lo_open / hi_open); NaN never passes."""
 
     def parse(text: str) -> Any:
         try:
@@ -52,7 +54,7 @@ def _number(kind: type, lo: float, hi: float = math.inf, lo_open: bool = False, 
         except ValueError:
             noun = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
-        ok = (value > lo if lo_open else value >= lo) and value <= hi
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
         if not ok:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value

@@ -7,7 +7,8 @@ Requests go through three stages:
                 `prefill_chunk` tokens per engine iteration in total, shared fairly between the prompts
                 being prefilled (`fair_shares`), so a short prompt behind a long one starts within a few
                 chunk-times; starts from a prompt-cache snapshot when one matches (a whole-prompt match with
-                saved logits skips the prefill)
+                saved logits skips the prefill). A scored prompt (echo) runs whole from its first token, in
+                `score_tokens`' fixed pieces, one scored prompt at a time, so its figures never depend on load
     running     a row of the shared batch cache; every iteration one decode step feeds each row its last
                 token: model(tokens[:, None], past_key_values=batch, logits_to_keep=1)
 
@@ -41,7 +42,7 @@ from typing import Any
 import torch
 
 from zamba2.cache import HybridCache
-from zamba2.eval.scoring import score_chunk
+from zamba2.eval.scoring import piece_size, score_chunk
 from zamba2.serve import batch as batching
 from zamba2.serve.prompt_cache import PromptCache
 from zamba2.serve.requests import (  # noqa: F401  (re-exported: the engine's public types)
@@ -362,9 +363,17 @@ class Engine:
         self._prefilling.append(seq)
 
     def _prefill_step(self) -> None:
-        seqs = list(self._prefilling)
-        shares = fair_shares([s.remaining_prompt for s in seqs], self.prefill_chunk)
-        for seq, n in sorted(zip(seqs, shares, strict=True), key=lambda x: x[0].remaining_prompt):
+        plain = [s for s in self._prefilling if s.request.prompt_logprobs is None]
+        work = list(zip(plain, fair_shares([s.remaining_prompt for s in plain], self.prefill_chunk), strict=True))
+        scored = [s for s in self._prefilling if s.request.prompt_logprobs is not None]
+        if scored:
+            # Scored prompts take turns (oldest first), one whole piece of `score_tokens`' size per iteration:
+            # the piece boundaries, hence the bf16 rounding of every logprob, never depend on the server's load,
+            # and `zamba2 eval` without --server gets the same figures to the last bit.
+            seq = scored[0]
+            piece = piece_size(seq.prompt_len)
+            work.append((seq, min(piece - seq.prefilled % piece, seq.remaining_prompt)))
+        for seq, n in sorted(work, key=lambda x: x[0].remaining_prompt):
             if n == 0:
                 continue
             try:
