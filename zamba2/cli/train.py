@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
     h.add_argument("--batch-size", type=_number(int, 1, what=">= 1"), default=8, metavar="B")
     h.add_argument("--grad-accum", type=_number(int, 1, what=">= 1"), default=1, metavar="N")
     h.add_argument("--lr", type=_number(float, 0, lo_open=True, what="> 0"), default=3e-4)
-    h.add_argument("--min-lr-ratio", type=_number(float, 0, 1, hi_open=True, what="in [0, 1)"), default=0.1, metavar="R",
+    h.add_argument("--min-lr-ratio", type=_number(float, 0, 1, what="in [0, 1]"), default=0.1, metavar="R",
                    help="the cosine ends at lr * R (default 0.1)")  # fmt: skip
     h.add_argument("--warmup", type=_number(int, 0, what=">= 0"), default=0, metavar="STEPS")
     h.add_argument("--weight-decay", type=_number(float, 0, what=">= 0"), default=0.0)
