@@ -12,11 +12,21 @@ and `seq_len`, the number of filled K/V slots, shared by all rows (a left-padded
 
 Everything is allocated once; forward calls write into it. `ensure_capacity` grows K/V by reallocation when a
 caller goes past `max_length` (generation sizes the cache up front, so this never happens on its hot path).
+
+Speculation (zamba2/speculative.py): between `begin_speculation()` and `commit(n)` the committed conv/SSM states
+are never written. Each Mamba2 mixer runs its `speculate` path instead: it continues from its layer's running
+state and hands its tokens' weight-free scan inputs to `record_speculation`. `commit(n)` then keeps the first n
+speculated tokens: with dA_t = dt_t A, the state after them is, from the untouched state S_0 (fp32),
+
+    S_n = exp(sum_{t<n} dA_t) S_0 + sum_{t<n} exp(sum_{t<s<n} dA_s) (dt_t x_t) B_t^T
+
+the conv state is the last K-1 columns of [conv_0, xBC_0 .. xBC_{n-1}] (the pre-conv inputs), and K/V, positions
+and seq_len truncate to n tokens. That is exactly the state of feeding only those n tokens, up to fp32 rounding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +45,21 @@ class CacheShapes:
     @classmethod
     def of(cls, config: Zamba2Config) -> CacheShapes:
         return cls(config.mamba_conv_dim, config.n_mamba_heads, config.num_key_value_heads)
+
+
+@dataclass
+class Speculation:
+    """What a speculation keeps until `commit`: the committed length, and per layer the speculated tokens' scan
+    inputs (lists of (B, T_call, ...) pieces, one per forward call) and running conv/SSM state."""
+
+    seq_len: int  # committed K/V length
+    positions: torch.Tensor  # (B,) committed positions
+    tokens: int = 0  # tokens fed since begin_speculation
+    xBC: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # pre-conv inputs (B, T, C), model dtype
+    dA: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # dt * A (B, T, H) fp32
+    dtx: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # dt * x (B, T, H, P) fp32
+    B: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # B (B, T, G, N) fp32
+    running: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # conv, SSM after tokens
 
 
 class HybridCache:
@@ -68,6 +93,7 @@ class HybridCache:
         self.seq_len = 0
         # True once some cached key is padding; lets unpadded decode skip building a mask.
         self.has_padding = False
+        self.speculation: Speculation | None = None  # set between begin_speculation and commit
 
     # ---- sizes -----------------------------------------------------------------------------------
     @property
@@ -132,6 +158,74 @@ class HybridCache:
     def advance(self, T: int, mask: torch.Tensor | None) -> None:
         self.seq_len += T
         self.positions += T if mask is None else mask.to(torch.long).sum(-1)
+        if self.speculation is not None:
+            self.speculation.tokens += T
+
+    # ---- speculation (see the module docstring) --------------------------------------------------
+    @property
+    def speculating(self) -> bool:
+        return self.speculation is not None
+
+    def begin_speculation(self) -> None:
+        """From here on, forward calls leave the committed conv/SSM states as they are until `commit(n)`."""
+        if self.speculation is not None:
+            raise RuntimeError("begin_speculation: a speculation is already open; commit(n) it first")
+        self.speculation = Speculation(self.seq_len, self.positions.clone())
+
+    def speculative_state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s conv state (B, C, K-1) and SSM state (B, H, P, N) after the tokens speculated so far:
+        the committed ones before its first speculated token. Read only: the mixer returns new ones."""
+        running = self.speculation.running.get(layer)
+        return running if running is not None else (self.conv_states[layer], self.ssm_states[layer])
+
+    def record_speculation(
+        self,
+        layer: int,
+        xBC: torch.Tensor,
+        dA: torch.Tensor,
+        dtx: torch.Tensor,
+        B: torch.Tensor,
+        conv_state: torch.Tensor,
+        ssm_state: torch.Tensor,
+    ) -> None:
+        """Called by layer `layer`'s mixer for the T tokens of one forward call: pre-conv inputs xBC (B, T, C),
+        dA = dt * A (B, T, H), dtx = dt * x (B, T, H, P), B (B, T, G, N), and its state after them."""
+        spec = self.speculation
+        fed = sum(t.shape[1] for t in spec.dA.get(layer, []))
+        if fed != spec.tokens:
+            raise RuntimeError(f"record_speculation: layer {layer} has {fed} tokens recorded, expected {spec.tokens}")
+        for store, value in ((spec.xBC, xBC), (spec.dA, dA.float()), (spec.dtx, dtx.float()), (spec.B, B.float())):
+            store.setdefault(layer, []).append(value.detach())
+        spec.running[layer] = (conv_state.detach(), ssm_state.detach())
+
+    def commit(self, n: int) -> None:
+        """End the speculation keeping its first n tokens (0 = none): every layer's conv and SSM state, K/V,
+        positions and seq_len become those of feeding only them. One state-sized update per layer."""
+        spec = self.speculation
+        if spec is None:
+            raise RuntimeError("commit: no speculation is open (call begin_speculation first)")
+        if not 0 <= n <= spec.tokens:
+            raise ValueError(f"commit: n must be in 0..{spec.tokens} (the tokens speculated), got {n}")
+        L = self.conv_states.shape[0]
+        if n and sorted(spec.dA) != list(range(L)):
+            raise RuntimeError(f"commit: layers {sorted(set(range(L)) - set(spec.dA))} recorded no scan inputs")
+        self.speculation = None
+        self.seq_len = spec.seq_len + n
+        self.positions.copy_(spec.positions + n)
+        if n == 0:
+            return
+        # All layers at once: (L, B, n, ...) stacks of the first n recorded tokens.
+        dA, dtx, Bm = (_first_tokens(store, L, n) for store in (spec.dA, spec.dtx, spec.B))
+        H, G = dA.shape[-1], Bm.shape[-2]
+        cum = dA.cumsum(dim=2)  # (L, B, n, H): log decay from the start through token t
+        total = cum[:, :, -1]  # (L, B, H)
+        to_end = torch.exp(total[:, :, None] - cum)  # decay from after token t to after token n-1
+        Bh = Bm.repeat_interleave(H // G, dim=3)  # (L, B, n, H, N): head h reads group h // (H / G)
+        update = torch.einsum("lbthp,lbthn->lbhpn", dtx * to_end[..., None], Bh)  # (L, B, H, P, N)
+        self.ssm_states.mul_(total.exp()[..., None, None]).add_(update)
+        xBC = _first_tokens(spec.xBC, L, n).transpose(2, 3).to(self.conv_states.dtype)  # (L, B, C, n)
+        window = torch.cat([self.conv_states, xBC], dim=-1)  # (L, B, C, K-1+n)
+        self.conv_states.copy_(window[..., window.shape[-1] - self.conv_states.shape[-1] :])
 
     # ---- whole-cache operations ------------------------------------------------------------------
     def reset(self) -> None:
@@ -142,6 +236,7 @@ class HybridCache:
         self.positions.zero_()
         self.seq_len = 0
         self.has_padding = False
+        self.speculation = None
 
     def reorder(self, indices: torch.Tensor | list[int]) -> None:
         """Reorder or select batch rows in place (beam search, dropping finished rows)."""
@@ -149,6 +244,8 @@ class HybridCache:
 
     def select(self, indices: torch.Tensor | list[int]) -> HybridCache:
         """A new cache holding copies of the given rows."""
+        if self.speculation is not None:
+            raise RuntimeError("select/reorder: a speculation is open; commit(n) it first")
         idx = torch.as_tensor(indices, dtype=torch.long, device=self.device)
         out = object.__new__(HybridCache)
         out.__dict__.update(self.__dict__)  # config, seq_len, has_padding
@@ -161,3 +258,8 @@ class HybridCache:
     def memory_bytes(self) -> int:
         tensors = (self.conv_states, self.ssm_states, self.keys, self.values, self.key_mask, self.positions)
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _first_tokens(store: dict[int, list[torch.Tensor]], layers: int, n: int) -> torch.Tensor:
+    """The first n tokens of each layer's recorded pieces (B, T_call, ...), stacked: (L, B, n, ...)."""
+    return torch.stack([torch.cat(store[i], dim=1)[:, :n] for i in range(layers)])

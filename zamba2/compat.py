@@ -76,6 +76,12 @@ GENERATE: Table = {
     "low_memory": ((None, False), _BEAMS),
     "synced_gpus": ((None, False), "generation runs in one process"),
     "cache_implementation": ((None,), "generation always runs through the preallocated hybrid cache"),
+    # Speculative decoding: these only tune the speed of assisted generation in transformers, never its output;
+    # here the draft length adapts by itself (zamba2/speculative.py).
+    "num_assistant_tokens_schedule": ((None, "constant", "heuristic", "heuristic_transient"), ""),
+    "assistant_confidence_threshold": ((None, 0.4), "the draft length adapts by itself (zamba2/speculative.py)"),
+    "assistant_tokenizer": ((None,), "the draft model must share the model's vocabulary (same tokenizer)"),
+    "tokenizer_kwargs": ((None,), "the draft model must share the model's vocabulary (same tokenizer)"),
     "bos_token_id": ((), "the prompt must hold at least one token; put the bos token in it"),
     "inputs": ((), "pass the prompt ids as input_ids= (or the first positional argument)"),
 }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -19,6 +19,9 @@ from zamba2 import compat
 from zamba2.cache import HybridCache
 from zamba2.generation_config import GenerationConfig, merged
 from zamba2.sampling import SamplingParams, processed_logits, sample_next
+
+if TYPE_CHECKING:
+    from zamba2.speculative import SpeculationStats
 
 DEFAULT_MAX_NEW_TOKENS = 20
 # Prompts are prefilled in pieces of this many tokens, so activations stay bounded for any length.
@@ -112,19 +115,31 @@ def generate_iter(
     generator: torch.Generator | None = None,
     generation_config: GenerationConfig | None = None,
     scores: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    prompt_lookup_num_tokens: int | None = None,
+    max_matching_ngram_size: int | None = None,
+    assistant_model: Any | None = None,
+    num_assistant_tokens: int | None = None,
+    speculation_stats: SpeculationStats | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the new tokens of each step, (B,) long, finished rows holding pad_token_id.
 
     Arguments left None come from `generation_config`, else `model.generation_config` (generation_config.json),
     else the built-in defaults (zamba2/generation_config.py). `scores`, when given, receives each step's
-    (raw logits, processed scores) pair, both (B, V) fp32."""
+    (raw logits, processed scores) pair, both (B, V) fp32.
+
+    Speculative decoding (batch 1, zamba2/speculative.py): `prompt_lookup_num_tokens=k` proposes up to k tokens
+    by n-gram lookup in the prompt and the text so far (n = `max_matching_ngram_size` (2) down to 1);
+    `assistant_model=draft` (a smaller Zamba2 with the same vocabulary) proposes up to `num_assistant_tokens`
+    (4). Greedy output is plain greedy's; sampled output has the plain distribution. `speculation_stats` (a
+    zamba2.speculative.SpeculationStats) receives the proposal and acceptance counts."""
     _check_tensor(input_ids)
     gen = merged(
         generation_config if generation_config is not None else getattr(model, "generation_config", None),
         max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens, do_sample=do_sample,
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, stop_strings=stop_strings,
+        pad_token_id=pad_token_id, stop_strings=stop_strings, prompt_lookup_num_tokens=prompt_lookup_num_tokens,
+        max_matching_ngram_size=max_matching_ngram_size, num_assistant_tokens=num_assistant_tokens,
     )  # fmt: skip
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -162,6 +177,11 @@ def generate_iter(
     pad = pad if pad is not None else (int(eos[0]) if len(eos) else 0)
     if generator is None and seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    speculator = _speculator(model, gen, assistant_model, num_assistant_tokens, max_matching_ngram_size,
+                             speculation_stats, b)  # fmt: skip
+    if speculator is not None and attention_mask is not None and not bool(attention_mask.all()):
+        input_ids = input_ids[:, attention_mask[0].to(torch.bool)]  # one row: its padding only shifts it
+        attention_mask, T = None, int(attention_mask.sum())
     if max_new_tokens == 0:
         return
 
@@ -176,8 +196,23 @@ def generate_iter(
 
     cache = model.model.new_cache(b, total, device=device)
     logits = prefill(model, input_ids, attention_mask, cache)
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
     stop_tail = max((len(s) for s in stop_strings), default=0) if stop_strings else 0
+
+    def hit_stop(row: int, pos: int) -> bool:
+        """Whether a stop string ends at history position pos (decoding only a tail that can hold one: each
+        token is >= 1 character)."""
+        tail = tokenizer.decode(history[row, max(T, pos + 1 - stop_tail - 8) : pos + 1].tolist())
+        return any(s in tail for s in stop_strings)
+
+    if speculator is not None:
+        from zamba2.speculative import generate_tokens  # speculative.py builds on this module's prefill / steps
+
+        yield from generate_tokens(
+            speculator, cache, logits, history, T, max_new_tokens, min_new_tokens, params, generator,
+            eos.tolist(), (lambda pos: hit_stop(0, pos)) if stop_strings else None, scores,
+        )  # fmt: skip
+        return
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
     for n in range(max_new_tokens):
         pos = T + n
         raw = logits
@@ -194,15 +229,51 @@ def generate_iter(
             finished |= torch.isin(tokens, eos)
         if stop_strings:
             for row in range(b):
-                if not finished[row]:
-                    # Decode only a tail long enough to hold any stop string (each token is >= 1 char).
-                    tail = tokenizer.decode(history[row, max(T, pos + 1 - stop_tail - 8) : pos + 1].tolist())
-                    if any(s in tail for s in stop_strings):
-                        finished[row] = True
+                if not finished[row] and hit_stop(row, pos):
+                    finished[row] = True
         yield tokens
         if bool(finished.all()) or n == max_new_tokens - 1:
             return
         logits = decode_step(model, tokens, cache)
+
+
+def _speculator(model, gen: GenerationConfig, assistant_model, num_assistant_tokens: int | None,
+                max_matching_ngram_size: int | None, stats: SpeculationStats | None, batch: int):  # fmt: skip
+    """The Speculator the arguments ask for, or None; every bad combination is refused here, by name.
+    `num_assistant_tokens` / `max_matching_ngram_size` passed to the call need their proposer; from a
+    generation config (where transformers keeps defaults for them) they are ignored without it."""
+    lookup = gen.prompt_lookup_num_tokens
+    if lookup is not None and assistant_model is not None:
+        raise ValueError("pass prompt_lookup_num_tokens or assistant_model, not both (one proposer at a time)")
+    if assistant_model is None and num_assistant_tokens is not None:
+        raise ValueError("num_assistant_tokens needs assistant_model= (the draft model that proposes them)")
+    if lookup is None and max_matching_ngram_size is not None:
+        raise ValueError("max_matching_ngram_size needs prompt_lookup_num_tokens= (the n-gram proposer)")
+    if lookup is None and assistant_model is None:
+        if stats is not None:
+            raise ValueError("speculation_stats needs prompt_lookup_num_tokens= or assistant_model=")
+        return None
+    from zamba2 import speculative
+
+    if batch != 1:
+        raise ValueError(f"speculative decoding supports batch size 1, got {batch} rows")
+    if lookup is not None:
+        ngram = gen.max_matching_ngram_size
+        proposer = speculative.PromptLookup(speculative.DEFAULT_NGRAM_SIZE if ngram is None else ngram)
+        k, name = lookup, "prompt_lookup_num_tokens"
+    else:
+        vocab = getattr(getattr(assistant_model, "config", None), "vocab_size", None)
+        if vocab != model.config.vocab_size or not hasattr(assistant_model, "model"):
+            raise ValueError(
+                f"assistant_model must be a Zamba2ForCausalLM with the model's vocab_size "
+                f"({model.config.vocab_size}), got {type(assistant_model).__name__} with vocab_size {vocab}"
+            )
+        proposer = speculative.DraftModel(assistant_model)
+        k = gen.num_assistant_tokens if gen.num_assistant_tokens is not None else speculative.DEFAULT_DRAFT_TOKENS
+        name = "num_assistant_tokens"
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {k!r}")
+    return speculative.Speculator(model, proposer, k, stats)
 
 
 @dataclass
@@ -245,6 +316,11 @@ def generate(
     return_dict_in_generate: bool | None = None,
     output_scores: bool | None = None,
     output_logits: bool | None = None,
+    prompt_lookup_num_tokens: int | None = None,
+    max_matching_ngram_size: int | None = None,
+    assistant_model: Any | None = None,
+    num_assistant_tokens: int | None = None,
+    speculation_stats: SpeculationStats | None = None,
     **unsupported: Any,
 ) -> torch.Tensor | GenerateDecoderOnlyOutput:
     """Generate continuations; returns prompt + new tokens (B, T + n) like transformers' `generate`.
@@ -254,8 +330,11 @@ def generate(
     Arguments left None come from `generation_config`, else the model's (generation_config.json), else the
     built-in defaults. `min_new_tokens` holds end-of-sequence back until that many tokens are out.
     `return_dict_in_generate=True` returns a GenerateDecoderOnlyOutput (`.sequences`, and per-step `.scores` /
-    `.logits` with output_scores / output_logits). Other transformers arguments (num_beams=1, use_cache=True...)
-    are accepted where they change nothing, else refused naming what to use instead (zamba2/compat.py).
+    `.logits` with output_scores / output_logits). Speculative decoding (batch 1): `prompt_lookup_num_tokens=k`
+    (with `max_matching_ngram_size`) or `assistant_model=draft` (with `num_assistant_tokens`), the same tokens
+    (greedy) or distribution (sampling) faster; see generate_iter. Other transformers arguments (num_beams=1,
+    use_cache=True...) are accepted where they change nothing, else refused naming what to use instead
+    (zamba2/compat.py).
     """
     compat.reject("generate", unsupported, compat.GENERATE)
     _check_tensor(input_ids)
@@ -269,7 +348,9 @@ def generate(
         min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         stop_strings=stop_strings, tokenizer=tokenizer, seed=seed, generator=generator,
-        generation_config=generation_config, scores=scores,
+        generation_config=generation_config, scores=scores, prompt_lookup_num_tokens=prompt_lookup_num_tokens,
+        max_matching_ngram_size=max_matching_ngram_size, assistant_model=assistant_model,
+        num_assistant_tokens=num_assistant_tokens, speculation_stats=speculation_stats,
     )  # fmt: skip
     if input_ids.dim() == 1:
         input_ids = input_ids[None]

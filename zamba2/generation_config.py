@@ -51,6 +51,9 @@ class GenerationConfig:
     output_scores: bool = False
     output_logits: bool = False
     return_dict_in_generate: bool = False
+    prompt_lookup_num_tokens: int | None = None  # speculative decoding by n-gram lookup (zamba2/speculative.py)
+    max_matching_ngram_size: int | None = None
+    num_assistant_tokens: int | None = None  # draft length with generate(assistant_model=...)
     extras: dict[str, Any] = field(default_factory=dict)  # other keys of the file, kept for save_pretrained
 
     @classmethod
@@ -118,6 +121,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "temperature": (int, float), "top_p": (int, float), "min_p": (int, float), "repetition_penalty": (int, float),
     "presence_penalty": (int, float), "frequency_penalty": (int, float),
     "eos_token_id": (int, list), "pad_token_id": (int,), "bos_token_id": (int,), "stop_strings": (str, list),
+    "prompt_lookup_num_tokens": (int,), "max_matching_ngram_size": (int,), "num_assistant_tokens": (int,),
 }  # fmt: skip
 
 
@@ -128,5 +132,7 @@ def _check(key: str, value: Any, where: str) -> None:
         raise ValueError(f"{where}: {key} must be {expected}, got {value!r}")
     if key in ("max_new_tokens", "max_length", "min_new_tokens", "top_k") and value < 0:
         raise ValueError(f"{where}: {key} must be >= 0, got {value}")
+    if key in ("prompt_lookup_num_tokens", "max_matching_ngram_size", "num_assistant_tokens") and value < 1:
+        raise ValueError(f"{where}: {key} must be >= 1, got {value}")
     if key == "eos_token_id" and isinstance(value, list) and not all(isinstance(i, int) for i in value):
         raise ValueError(f"{where}: eos_token_id must be an int or a list of ints, got {value!r}")

@@ -1,7 +1,9 @@
 """The Mamba2 mixer: in_proj -> causal conv + SiLU -> SSD scan -> gated RMSNorm -> out_proj.
 
-Two named paths: `prefill` (any number of tokens, chunked scan, optionally continuing from a cache) and `step`
-(one token per row, recurrent update of the cached state in place). `forward` picks one.
+Three named paths: `prefill` (any number of tokens, chunked scan, optionally continuing from a cache), `step`
+(one token per row, recurrent update of the cached state in place) and `speculate` (while the cache speculates:
+the prefill math without writing the cached state, its scan inputs recorded for `HybridCache.commit`).
+`forward` picks one.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class Mamba2Mixer(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, hidden), already normalised; mask (B, T) with 0 at padding; seq_idx (B, T) document index
         of packed rows (the conv and the scan restart at each document), or None."""
+        if cache is not None and cache.speculation is not None:
+            return self.speculate(x, mask, cache)
         if cache is not None and cache.seq_len > 0 and x.shape[1] == 1:
             return self.step(x, cache)
         return self.prefill(x, mask, cache, seq_idx)
@@ -109,6 +113,27 @@ class Mamba2Mixer(nn.Module):
         if cache is not None:
             cache.conv_states[self.layer_idx].copy_(new_conv_state.detach())
             cache.ssm_states[self.layer_idx].copy_(state.detach())
+        y = self.norm(y.view(b, T, self.I), z, out_dtype=x.dtype)
+        return self.out_proj(y)
+
+    def speculate(self, x: torch.Tensor, mask: torch.Tensor | None, cache: HybridCache) -> torch.Tensor:
+        """x (B, T, hidden) while `cache` speculates (zamba2/cache.py): the prefill math continuing from this
+        layer's running speculative state. The committed conv/SSM states are left as they are; the tokens'
+        weight-free scan inputs go to the cache, from which `cache.commit(n)` sets the state after n of them."""
+        if mask is not None:
+            raise ValueError("speculation feeds unpadded tokens only: pass no attention_mask (or all ones)")
+        b, T, _ = x.shape
+        conv_state, ssm_state = cache.speculative_state(self.layer_idx)
+        z, xBC_in, dt = self.in_proj(x).split([self.I, self.conv_dim, self.H], dim=-1)
+        xBC, conv_state = conv.conv_full(xBC_in, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+        xs, Bm, Cm = F.silu(xBC).split([self.I, self.G * self.N, self.G * self.N], dim=-1)
+        xs, Bm, Cm = xs.view(b, T, self.H, self.P), Bm.view(b, T, self.G, self.N), Cm.view(b, T, self.G, self.N)
+        dt = dt_activation(dt, self.dt_bias, self.dt_min, self.dt_max)  # (B, T, H) fp32
+        A = -torch.exp(self.A_log.float())
+        y, ssm_state = ssd_chunked(xs, dt, A, Bm, Cm, self.D, self.chunk_size, initial_state=ssm_state)
+        cache.record_speculation(
+            self.layer_idx, xBC_in, dt * A, xs.float() * dt[..., None], Bm, conv_state, ssm_state
+        )  # fmt: skip
         y = self.norm(y.view(b, T, self.I), z, out_dtype=x.dtype)
         return self.out_proj(y)
 
