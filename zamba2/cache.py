@@ -49,16 +49,14 @@ class CacheShapes:
 
 @dataclass
 class Speculation:
-    """What a speculation keeps until `commit`: the committed length, and per layer the speculated tokens' scan
-    inputs (lists of (B, T_call, ...) pieces, one per forward call) and running conv/SSM state."""
+    """What a speculation keeps until `commit`: the committed length, how many tokens each layer has recorded,
+    and each layer's running conv/SSM state after them. The scan inputs themselves are in the cache's
+    `scan_inputs` buffers, reused from one speculation to the next."""
 
     seq_len: int  # committed K/V length
     positions: torch.Tensor  # (B,) committed positions
+    recorded: list[int]  # per layer: tokens recorded so far
     tokens: int = 0  # tokens fed since begin_speculation
-    xBC: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # pre-conv inputs (B, T, C), model dtype
-    dA: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # dt * A (B, T, H) fp32
-    dtx: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # dt * x (B, T, H, P) fp32
-    B: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # B (B, T, G, N) fp32
     running: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # conv, SSM after tokens
 
 
@@ -94,6 +92,9 @@ class HybridCache:
         # True once some cached key is padding; lets unpadded decode skip building a mask.
         self.has_padding = False
         self.speculation: Speculation | None = None  # set between begin_speculation and commit
+        # Speculated tokens' scan inputs, (L, B, capacity, ...) each, allocated at the first speculation:
+        # xBC (.., C) pre-conv in the model dtype; dA = dt A (.., H), dtx = dt x (.., H, P), B (.., G, N) fp32.
+        self.scan_inputs: dict[str, torch.Tensor] = {}
 
     # ---- sizes -----------------------------------------------------------------------------------
     @property
@@ -170,7 +171,7 @@ class HybridCache:
         """From here on, forward calls leave the committed conv/SSM states as they are until `commit(n)`."""
         if self.speculation is not None:
             raise RuntimeError("begin_speculation: a speculation is already open; commit(n) it first")
-        self.speculation = Speculation(self.seq_len, self.positions.clone())
+        self.speculation = Speculation(self.seq_len, self.positions.clone(), [0] * self.conv_states.shape[0])
 
     def speculative_state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s conv state (B, C, K-1) and SSM state (B, H, P, N) after the tokens speculated so far:
@@ -191,11 +192,22 @@ class HybridCache:
         """Called by layer `layer`'s mixer for the T tokens of one forward call: pre-conv inputs xBC (B, T, C),
         dA = dt * A (B, T, H), dtx = dt * x (B, T, H, P), B (B, T, G, N), and its state after them."""
         spec = self.speculation
-        fed = sum(t.shape[1] for t in spec.dA.get(layer, []))
-        if fed != spec.tokens:
-            raise RuntimeError(f"record_speculation: layer {layer} has {fed} tokens recorded, expected {spec.tokens}")
-        for store, value in ((spec.xBC, xBC), (spec.dA, dA.float()), (spec.dtx, dtx.float()), (spec.B, B.float())):
-            store.setdefault(layer, []).append(value.detach())
+        start, T = spec.tokens, xBC.shape[1]
+        if spec.recorded[layer] != start:
+            raise RuntimeError(f"record_speculation: layer {layer} has {spec.recorded[layer]} tokens, not {start}")
+        values = {"xBC": xBC, "dA": dA.float(), "dtx": dtx.float(), "B": B.float()}
+        buffers = self.scan_inputs
+        if not buffers or buffers["dA"].shape[2] < start + T or buffers["dA"].shape[1] != xBC.shape[0]:
+            capacity = max(16, 2 * (start + T))
+            old, L = buffers, self.conv_states.shape[0]
+            buffers = {k: v.new_zeros(L, v.shape[0], capacity, *v.shape[2:]) for k, v in values.items()}
+            if old and old["dA"].shape[1] == xBC.shape[0]:
+                for k in buffers:
+                    buffers[k][:, :, : old[k].shape[2]] = old[k][:, :, : buffers[k].shape[2]]
+            self.scan_inputs = buffers
+        for k, v in values.items():
+            buffers[k][layer, :, start : start + T] = v.detach()
+        spec.recorded[layer] = start + T
         spec.running[layer] = (conv_state.detach(), ssm_state.detach())
 
     def commit(self, n: int) -> None:
@@ -206,24 +218,26 @@ class HybridCache:
             raise RuntimeError("commit: no speculation is open (call begin_speculation first)")
         if not 0 <= n <= spec.tokens:
             raise ValueError(f"commit: n must be in 0..{spec.tokens} (the tokens speculated), got {n}")
-        L = self.conv_states.shape[0]
-        if n and sorted(spec.dA) != list(range(L)):
-            raise RuntimeError(f"commit: layers {sorted(set(range(L)) - set(spec.dA))} recorded no scan inputs")
+        if n and min(spec.recorded) < n:
+            missing = [i for i, t in enumerate(spec.recorded) if t < n]
+            raise RuntimeError(f"commit: layers {missing} recorded fewer than {n} tokens")
         self.speculation = None
         self.seq_len = spec.seq_len + n
         self.positions.copy_(spec.positions + n)
         if n == 0:
             return
-        # All layers at once: (L, B, n, ...) stacks of the first n recorded tokens.
-        dA, dtx, Bm = (_first_tokens(store, L, n) for store in (spec.dA, spec.dtx, spec.B))
-        H, G = dA.shape[-1], Bm.shape[-2]
+        # All layers at once: (L, B, n, ...) the first n recorded tokens.
+        dA, dtx, Bm = (self.scan_inputs[k][:, :, :n] for k in ("dA", "dtx", "B"))
+        L, b, _, H, P = dtx.shape
+        G, N = Bm.shape[-2:]
         cum = dA.cumsum(dim=2)  # (L, B, n, H): log decay from the start through token t
         total = cum[:, :, -1]  # (L, B, H)
         to_end = torch.exp(total[:, :, None] - cum)  # decay from after token t to after token n-1
-        Bh = Bm.repeat_interleave(H // G, dim=3)  # (L, B, n, H, N): head h reads group h // (H / G)
-        update = torch.einsum("lbthp,lbthn->lbhpn", dtx * to_end[..., None], Bh)  # (L, B, H, P, N)
+        # The heads of a group read the same B_t: one (R*P, n) x (n, N) product per group (R = H / G heads)
+        u = (dtx * to_end[..., None]).reshape(L, b, n, G, H // G * P).permute(0, 1, 3, 4, 2)  # (L, B, G, R*P, n)
+        update = torch.matmul(u, Bm.permute(0, 1, 3, 2, 4)).view(L, b, H, P, N)
         self.ssm_states.mul_(total.exp()[..., None, None]).add_(update)
-        xBC = _first_tokens(spec.xBC, L, n).transpose(2, 3).to(self.conv_states.dtype)  # (L, B, C, n)
+        xBC = self.scan_inputs["xBC"][:, :, :n].transpose(2, 3).to(self.conv_states.dtype)  # (L, B, C, n)
         window = torch.cat([self.conv_states, xBC], dim=-1)  # (L, B, C, K-1+n)
         self.conv_states.copy_(window[..., window.shape[-1] - self.conv_states.shape[-1] :])
 
@@ -256,10 +270,6 @@ class HybridCache:
         return out
 
     def memory_bytes(self) -> int:
-        tensors = (self.conv_states, self.ssm_states, self.keys, self.values, self.key_mask, self.positions)
+        tensors = (self.conv_states, self.ssm_states, self.keys, self.values, self.key_mask, self.positions,
+                   *self.scan_inputs.values())  # fmt: skip
         return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _first_tokens(store: dict[int, list[torch.Tensor]], layers: int, n: int) -> torch.Tensor:
-    """The first n tokens of each layer's recorded pieces (B, T_call, ...), stacked: (L, B, n, ...)."""
-    return torch.stack([torch.cat(store[i], dim=1)[:, :n] for i in range(layers)])

@@ -98,6 +98,22 @@ def conv_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     return out + bias if bias is not None else out
 
 
+def conv_steps(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T decode steps at once, each output as `conv_step` computes it: x (B, T, C), state (B, C, K-1), which
+    is left as it is. Returns the outputs before activation (B, T, C) and the state after the T inputs.
+
+    For the few tokens of a speculative verification: at the default model's width (C = 640, bf16, 5 tokens)
+    F.conv1d measured ~0.9 ms a call on one CPU core, more than the rest of the mixer's elementwise work."""
+    K = weight.shape[-1]
+    window = torch.cat([state, x.transpose(1, 2).to(state.dtype)], dim=-1)  # (B, C, K-1+T)
+    out = (window.unfold(-1, K, 1) * weight[:, None, :].to(window.dtype)).sum(-1)  # (B, C, T)
+    if bias is not None:
+        out = out + bias[:, None]
+    return out.transpose(1, 2), window[..., window.shape[-1] - (K - 1) :]
+
+
 def _cut_at_documents(
     out: torch.Tensor, window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
