@@ -181,7 +181,9 @@ def generate_iter(
                              speculation_stats, b)  # fmt: skip
     if speculator is not None and attention_mask is not None and not bool(attention_mask.all()):
         input_ids = input_ids[:, attention_mask[0].to(torch.bool)]  # one row: its padding only shifts it
-        attention_mask, T = None, int(attention_mask.sum())
+        attention_mask, T = None, input_ids.shape[1]
+        if T == 0:
+            raise ValueError("attention_mask masks every prompt token: nothing to continue from")
     if max_new_tokens == 0:
         return
 

@@ -113,6 +113,10 @@ class DraftModel:
     def _sync(self, history: torch.Tensor) -> torch.Tensor:
         """Feed the draft what it has not seen of history (L,); return its next logits (1, V)."""
         fed = self.ids.numel()
+        if self.cache is not None and self.cache.speculating:  # the last proposal was never judged (an error)
+            self.cache.commit(0)
+            fed = self.cache.seq_len
+            self.ids = self.ids[:fed]
         if self.cache is None or fed >= history.numel() or not torch.equal(self.ids, history[:fed]):
             self.cache = self.model.model.new_cache(1, history.numel() + 256, device=history.device)
             fed = 0
