@@ -79,6 +79,7 @@ class Loaded:
     tokenizer: Any  # zamba2.tokenizer.Tokenizer
     eos: list[int]  # every end-of-sequence id the checkpoint names
     rank: int = 0  # tensor-parallel rank (--tp): only rank 0 prints
+    draft: Any = None  # the --draft-model (Zamba2ForCausalLM), or None
 
 
 def _check_world(tp: int) -> None:
@@ -117,7 +118,23 @@ def _load(folder: Path, tokenizer, args: argparse.Namespace) -> Loaded:
         compiled.enable(True)
     from zamba2.checkpoint import eos_token_ids
 
-    return Loaded(folder, model, tokenizer, eos_token_ids(folder, model.config.eos_token_id, tokenizer), rank)
+    eos = eos_token_ids(folder, model.config.eos_token_id, tokenizer)
+    return Loaded(folder, model, tokenizer, eos, rank, _load_draft(args, model, device, progress))
+
+
+def _load_draft(args: argparse.Namespace, model, device, progress: bool):
+    """The --draft-model, in the model's dtype and device, checked against the model's vocabulary."""
+    name = getattr(args, "draft_model", None)
+    if name is None:
+        return None
+    from zamba2.model import Zamba2ForCausalLM
+
+    folder = _resolve(name, None, args.quiet)
+    draft = Zamba2ForCausalLM.from_pretrained(folder, dtype=model.dtype, device=device, progress=progress)
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise UsageError(f"--draft-model {name}: vocab_size {draft.config.vocab_size}, the model's is "
+                         f"{model.config.vocab_size}; the draft must share the model's tokenizer")  # fmt: skip
+    return draft.eval()
 
 
 def _check_ids(ids: list[int], loaded: Loaded) -> None:
@@ -135,15 +152,21 @@ class Stats:
     new_tokens: int = 0
     prefill_s: float = 0.0  # prompt in, first token out
     decode_s: float = 0.0  # the remaining new_tokens - 1 steps
+    speculation: Any = None  # zamba2.speculative.SpeculationStats with --prompt-lookup / --draft-model
 
     def line(self) -> str:
         prefill = f"{self.prompt_tokens / self.prefill_s:.1f} tok/s" if self.prefill_s > 0 else "n/a"
         steps = self.new_tokens - 1
         decode = f"{steps / self.decode_s:.1f} tok/s" if steps > 0 and self.decode_s > 0 else "n/a"
-        return (
+        line = (
             f"prompt: {self.prompt_tokens} tokens | generated: {self.new_tokens} tokens | "
             f"prefill: {prefill} | decode: {decode}"
         )
+        sp = self.speculation
+        if sp is not None:
+            line += (f" | speculative: {sp.accepted}/{sp.proposed} drafts accepted ({100 * sp.acceptance_rate:.0f}%)"
+                     f" in {sp.verifications} checks, {sp.plain_steps} plain steps")  # fmt: skip
+        return line
 
 
 @dataclass
@@ -154,6 +177,8 @@ class Sampling:
     max_new_tokens: int
     stop: list[str]
     seed: int | None
+    prompt_lookup: int | None = None  # --prompt-lookup K
+    draft_tokens: int | None = None  # --draft-tokens K (with --draft-model)
 
 
 def _sampling(args: argparse.Namespace) -> Sampling:
@@ -173,7 +198,13 @@ def _sampling(args: argparse.Namespace) -> Sampling:
         min_p=args.min_p or 0.0,
         repetition_penalty=args.repetition_penalty,
     ).validate()  # the argparse types already checked each flag; this is the library's word on it
-    return Sampling(params, args.max_new_tokens, list(args.stop), args.seed)
+    draft_tokens = getattr(args, "draft_tokens", None)
+    if draft_tokens is not None and getattr(args, "draft_model", None) is None:
+        raise UsageError("--draft-tokens needs --draft-model (the model that proposes the tokens)")
+    lookup = getattr(args, "prompt_lookup", None)
+    if getattr(args, "tp", 1) > 1 and (lookup is not None or getattr(args, "draft_model", None) is not None):
+        raise UsageError("--prompt-lookup and --draft-model cannot be combined with --tp (one process only)")
+    return Sampling(params, args.max_new_tokens, list(args.stop), args.seed, lookup, draft_tokens)
 
 
 def _generator(seed: int | None, device):
@@ -182,16 +213,22 @@ def _generator(seed: int | None, device):
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
-def _steps(loaded: Loaded, ids: list[int], s: Sampling, generator) -> Iterator[int]:
+def _steps(loaded: Loaded, ids: list[int], s: Sampling, generator, speculation=None) -> Iterator[int]:
     import torch
 
     model, p = loaded.model, s.params
     input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
+    spec: dict[str, Any] = {}
+    if s.prompt_lookup is not None:
+        spec = {"prompt_lookup_num_tokens": s.prompt_lookup, "speculation_stats": speculation}
+    elif loaded.draft is not None:
+        spec = {"assistant_model": loaded.draft, "num_assistant_tokens": s.draft_tokens,
+                "speculation_stats": speculation}  # fmt: skip
     for tokens in model.generate_iter(
         input_ids, max_new_tokens=s.max_new_tokens, do_sample=p.do_sample, temperature=p.temperature,
         top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
         eos_token_id=loaded.eos, stop_strings=s.stop or None, tokenizer=loaded.tokenizer if s.stop else None,
-        generator=generator,
+        generator=generator, **spec,
     ):  # fmt: skip
         yield int(tokens[0])  # int() waits for the device, so the timings below are real
 
@@ -207,10 +244,14 @@ def stream(
 
     decoder = StreamDecoder(loaded.tokenizer, skip_special_tokens=True)
     stats, new = Stats(prompt_tokens=len(ids)), []
+    if s.prompt_lookup is not None or loaded.draft is not None:
+        from zamba2.speculative import SpeculationStats
+
+        stats.speculation = SpeculationStats()
     interrupted = False
     start = first = time.perf_counter()
     try:
-        for token in _steps(loaded, ids, s, generator):
+        for token in _steps(loaded, ids, s, generator, stats.speculation):
             if not new:
                 first = time.perf_counter()
                 stats.prefill_s = first - start

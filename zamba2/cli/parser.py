@@ -125,6 +125,24 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
                    help="stop once the generated text contains TEXT (repeatable)")  # fmt: skip
 
 
+SPECULATIVE_HELP = (
+    "propose a few tokens cheaply and check them with one pass of the model (batch 1): the same text as without "
+    "it (greedy: the same tokens; sampling: the same distribution), faster where the proposals are right"
+)
+
+
+def _speculative_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("speculative decoding", SPECULATIVE_HELP)
+    how = g.add_mutually_exclusive_group()
+    how.add_argument("--prompt-lookup", type=_number(int, 1, what=">= 1"), metavar="K",
+                     help="propose up to K tokens that followed the last 2 tokens earlier in the prompt or the "
+                     "text so far (no second model; fast on text that quotes its input)")  # fmt: skip
+    how.add_argument("--draft-model", type=_model_name, metavar="PATH_OR_ID",
+                     help="a smaller Zamba2 with the same tokenizer proposes the tokens")  # fmt: skip
+    g.add_argument("--draft-tokens", type=_number(int, 1, what=">= 1"), metavar="K",
+                   help="tokens the draft model proposes per check, at most (default 4; with --draft-model)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="zamba2", description="Run Zyphra's Zamba2 language models.")
     parser.add_argument("--version", action="version", version=f"zamba2 {zamba2.__version__}")
@@ -147,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tensor parallel over N processes (torchrun --nproc-per-node N); default 1")  # fmt: skip
     _model_args(gen)
     _sampling_args(gen)
+    _speculative_args(gen)
     _common(gen)
 
     chat = sub.add_parser(
@@ -158,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", metavar="TEXT", help="system message that starts every conversation")
     _model_args(chat)
     _sampling_args(chat)
+    _speculative_args(chat)
     _common(chat)
 
     conv = sub.add_parser(

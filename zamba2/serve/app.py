@@ -114,6 +114,26 @@ def _shutting_down() -> APIError:
                     code="server_shutting_down")  # fmt: skip
 
 
+def _speculation(a, model, device):
+    """--prompt-lookup K or --draft-model PATH [--draft-tokens K]: how a lone stream decodes (serve/speculate.py)."""
+    lookup, draft = getattr(a, "prompt_lookup", None), getattr(a, "draft_model", None)
+    if lookup is None and draft is None:
+        return None
+    from zamba2.checkpoint import resolve_model_dir
+    from zamba2.model import Zamba2ForCausalLM
+    from zamba2.serve.speculate import SpeculationSettings
+
+    if draft is None:
+        return SpeculationSettings(prompt_lookup=lookup)
+    log.info("loading the draft model %s", draft)
+    assistant = Zamba2ForCausalLM.from_pretrained(resolve_model_dir(draft), dtype=model.dtype, device=device,
+                                                  progress=False).eval()  # fmt: skip
+    if assistant.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"--draft-model {draft}: vocab_size {assistant.config.vocab_size}, the model's is "
+                         f"{model.config.vocab_size}; the draft must share the model's tokenizer")  # fmt: skip
+    return SpeculationSettings(draft_model=assistant, draft_tokens=a.draft_tokens)
+
+
 class Server:
     """Everything one server holds: arguments, the loaded model's engine and tokenizer, metrics."""
 
@@ -160,7 +180,7 @@ class Server:
                 model, tokenizer, max_concurrency=a.max_concurrency, max_queue=a.max_queue,
                 prefill_chunk=a.prefill_chunk, prompt_cache_bytes=int(a.prompt_cache_mb * 2**20),
                 eos_token_ids=eos_token_ids(folder, model.config.eos_token_id, tokenizer),
-                max_model_len=a.max_model_len or context,
+                max_model_len=a.max_model_len or context, speculation=_speculation(a, model, device),
             )  # fmt: skip
             engine.start()
             self.tokenizer, self.texts = tokenizer, TokenTexts(tokenizer)

@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between SSE keep-alive comments while a stream waits")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request")
+    spec = p.add_argument_group("speculative decoding", "while one request decodes alone, propose a few tokens "
+                                "cheaply and check them in one forward (the same output, faster when right)")
+    how = spec.add_mutually_exclusive_group()
+    how.add_argument("--prompt-lookup", type=_positive(int), metavar="K",
+                     help="propose up to K tokens by n-gram lookup in the prompt and the text so far")  # fmt: skip
+    how.add_argument("--draft-model", metavar="PATH_OR_ID", help="a smaller Zamba2 with the same tokenizer proposes")
+    spec.add_argument("--draft-tokens", type=_positive(int), metavar="K",
+                      help="tokens the draft model proposes per check, at most (default 4)")  # fmt: skip
     return p
 
 
@@ -104,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-queue must be >= 0")
     if args.shutdown_grace < 0:
         parser.error("--shutdown-grace must be >= 0")
+    if args.draft_tokens is not None and args.draft_model is None:
+        parser.error("--draft-tokens needs --draft-model (the model that proposes the tokens)")
     try:
         allocator.tune()  # keep activation memory between prompt chunks (see zamba2/allocator.py)
     except ValueError as err:

@@ -45,6 +45,7 @@ from zamba2.cache import HybridCache
 from zamba2.eval.scoring import piece_size, score_chunk
 from zamba2.serve import batch as batching
 from zamba2.serve.prompt_cache import PromptCache
+from zamba2.serve.speculate import SpeculationSettings, speculative_step
 from zamba2.serve.requests import (  # noqa: F401  (re-exported: the engine's public types)
     MAX_TOP_LOGPROBS,
     Event,
@@ -58,6 +59,7 @@ from zamba2.serve.requests import (  # noqa: F401  (re-exported: the engine's pu
     fair_shares,
     pick,
 )
+from zamba2.speculative import SpeculationStats
 from zamba2.tokenizer import Tokenizer
 
 log = logging.getLogger("zamba2.serve")
@@ -105,6 +107,7 @@ class Engine:
         prompt_cache_bytes: int = 0,
         eos_token_ids: Sequence[int] | None = None,
         max_model_len: int | None = None,
+        speculation: SpeculationSettings | None = None,
     ) -> None:
         if max_concurrency < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError(
@@ -126,6 +129,9 @@ class Engine:
         self.eos = frozenset(int(e) for e in eos_token_ids)
         self.prompt_cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         self.stats = EngineStats()
+        # A lone running stream decodes speculatively when set (serve/speculate.py); counters for /metrics.
+        self.speculation = speculation
+        self.speculation_stats = SpeculationStats()
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -280,7 +286,9 @@ class Engine:
                 self._prefill_step()
             if self._ready:
                 self._join_ready()
-            if self._running:
+            if len(self._running) == 1 and self.speculation is not None:
+                self._speculative_step()
+            elif self._running:
                 self._decode_step()
             elif self.stats.decode_tokens_per_s:
                 self.stats.decode_tokens_per_s = 0.0
@@ -499,6 +507,43 @@ class Engine:
         s.decode_tokens_per_s = rate if s.decode_tokens_per_s == 0 else 0.8 * s.decode_tokens_per_s + 0.2 * rate
         if finished or failed:
             self._leave(finished, failed, logits)
+
+    def _speculative_step(self) -> None:
+        """The one running stream feeds its last token and its drafts in one forward (serve/speculate.py)."""
+        start = time.perf_counter()
+        seq = self._running[0]
+        try:
+            if seq.speculator is None:
+                seq.speculator = self.speculation.speculator(self.model, self.speculation_stats)
+            picked = speculative_step(seq, self._batch, seq.speculator)
+        except Exception as exc:  # the batch holds this request alone
+            log.exception("request %d: speculative decode step failed", seq.id)
+            self._running, self._batch = [], None
+            self._fail(seq, f"decode step failed: {type(exc).__name__}: {exc}")
+            return
+        finite = torch.isfinite(picked.logits).all(-1).tolist()
+        done, failure, last = False, None, 0
+        for last, (token, ok) in enumerate(zip(picked.tokens, finite, strict=True)):
+            if not ok:
+                failure = "the model's logits are not finite (NaN or inf)"
+                break
+            try:
+                done = seq.advance(token, picked.logits[last])
+            except Exception as exc:
+                log.exception("request %d: output failed", seq.id)
+                failure = f"output failed: {type(exc).__name__}: {exc}"
+                break
+            self.stats.generated_tokens += 1
+            if done:
+                break
+        rate = (last + 1) / max(time.perf_counter() - start, 1e-9)
+        s = self.stats
+        s.decode_steps += 1
+        s.decode_tokens_per_s = rate if s.decode_tokens_per_s == 0 else 0.8 * s.decode_tokens_per_s + 0.2 * rate
+        if failure is not None:
+            self._leave([], {0: failure})
+        elif done:  # the prompt-cache snapshot needs the logits its last token came from
+            self._leave([0], {}, picked.logits[last : last + 1])
 
     def _leave(self, finished: list[int], failed: dict[int, str], logits: torch.Tensor | None = None) -> None:
         """Rows `finished` are done (snapshot their state for the prompt cache), rows in `failed` end with

@@ -55,6 +55,17 @@ class _EngineCollector(Collector):
         yield counter("zamba2_prompt_cache_hit_tokens", "Prompt tokens served from saved states",
                       pc.hit_tokens if pc else 0)  # fmt: skip
         yield gauge("zamba2_prompt_cache_bytes", "Bytes held by saved prompt states", pc.bytes if pc else 0)
+        sp = e.speculation_stats if e is not None else None
+        yield counter("zamba2_speculative_proposed_tokens", "Draft tokens checked by speculative verifications",
+                      sp.proposed if sp else 0)  # fmt: skip
+        yield counter("zamba2_speculative_accepted_tokens", "Draft tokens the model accepted",
+                      sp.accepted if sp else 0)  # fmt: skip
+        yield counter("zamba2_speculative_verifications", "Multi-token verification passes of a lone stream",
+                      sp.verifications if sp else 0)  # fmt: skip
+        yield counter("zamba2_speculative_plain_steps", "One-token steps of a lone stream (nothing proposed or "
+                      "backing off)", sp.plain_steps if sp else 0)  # fmt: skip
+        yield gauge("zamba2_speculative_acceptance_rate", "Accepted / proposed draft tokens since start",
+                    sp.acceptance_rate if sp else 0.0)  # fmt: skip
 
 
 class ServerMetrics:

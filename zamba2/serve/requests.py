@@ -128,6 +128,7 @@ class Slot:
         self.generated = 0
         self.text_len = 0  # characters decoded so far (emitted or held)
         self.held = ""  # decoded text that may be the start of a stop string
+        self.speculator = None  # zamba2.speculative.Speculator, made when the stream first decodes alone
 
     @property
     def remaining_prompt(self) -> int:

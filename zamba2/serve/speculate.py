@@ -1,0 +1,65 @@
+"""Speculative decoding in the server, for a lone running stream (zamba2/speculative.py does the work).
+
+Batched decode already reads the weights once for every running row; speculation pays off when one stream runs
+alone, batch-1 decode being bound by the weights' memory traffic. So while exactly one request is decoding, the
+engine hands its step to that request's `Speculator` (prompt lookup or a draft model, per `serve` flags), which
+feeds the last token and its drafts through the batch cache (one row) in one forward and keeps what the model
+accepts; as soon as a second stream joins, plain batched steps resume from the same cache. Each request keeps
+its own Speculator (its adaptive draft length and back-off, and a draft model's cache, which catches up on the
+tokens decoded meanwhile when the stream is alone again). The counters are the engine's, shown in /metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from zamba2.cache import HybridCache
+from zamba2.serve.requests import Slot
+from zamba2.speculative import DEFAULT_DRAFT_TOKENS, DraftModel, PromptLookup, SpeculationStats, Speculator
+
+
+@dataclass
+class SpeculationSettings:
+    """`zamba2 serve --prompt-lookup K` or `--draft-model PATH [--draft-tokens K]`."""
+
+    prompt_lookup: int | None = None  # K drafts per check from the n-gram lookup
+    draft_model: Any = None  # a Zamba2ForCausalLM with the model's vocabulary
+    draft_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.prompt_lookup is None) == (self.draft_model is None):
+            raise ValueError("speculation needs exactly one of prompt_lookup or draft_model")
+        for name in ("prompt_lookup", "draft_tokens"):
+            k = getattr(self, name)
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+                raise ValueError(f"{name} must be an int >= 1, got {k!r}")
+
+    def speculator(self, model, stats: SpeculationStats) -> Speculator:
+        if self.prompt_lookup is not None:
+            return Speculator(model, PromptLookup(), self.prompt_lookup, stats)
+        k = self.draft_tokens or DEFAULT_DRAFT_TOKENS
+        return Speculator(model, DraftModel(self.draft_model), k, stats)
+
+
+@dataclass
+class Picked:
+    """What one speculative step gave a request: its tokens with the raw logits (n, V) of each."""
+
+    tokens: list[int]
+    logits: torch.Tensor
+
+
+def speculative_step(seq: Slot, batch: HybridCache, speculator: Speculator) -> Picked:
+    """Feed seq's last token (and drafts) through `batch` (its only row); returns the tokens to emit.
+
+    Afterwards `batch` holds seq.tokens + tokens[:-1], as after plain decode steps. Raises what the model or
+    the proposer raises; the caller fails the request (the batch then holds only that request)."""
+    req = seq.request
+    out = speculator.step(
+        batch, seq.next_token, seq.tokens, req.params, seq.generator,
+        max_tokens=req.max_tokens - seq.generated, eos_token_ids=sorted(seq.eos),
+    )  # fmt: skip
+    return Picked(out.tokens, out.logits)
