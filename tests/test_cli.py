@@ -138,6 +138,23 @@ def test_generate_chat_applies_template(capsys, chat_folder, loaded):
     assert stats(err) == [(len(ids), 5)]
 
 
+def test_generate_speculative_gives_the_plain_text_and_counts(capsys, folder, loaded, tmp_path):
+    prompt = "one two three four one two three four one two three"
+    ids = loaded[1].encode(prompt)
+    text, new = expected_text(loaded, ids, 16)
+    for flags in (["--prompt-lookup", 3], ["--draft-model", folder, "--draft-tokens", 3]):
+        code, out, err = run(capsys, "generate", "-m", folder, "--max-new-tokens", 16, *flags, prompt)
+        assert (code, out) == (0, text + "\n"), (flags, err)
+        last = err.strip().splitlines()[-1]
+        assert " | speculative: " in last and stats(last) == [(len(ids), len(new))], last
+    # the same folder as its own draft: every draft is accepted
+    assert re.search(r"speculative: (\d+)/\1 drafts accepted \(100%\)", last), last
+    other = make_model_folder(tmp_path / "other", vocab_size=1000)
+    code, _, err = run(capsys, "generate", "-m", folder, "--draft-model", other, prompt)
+    assert code == 2
+    assert_one_line_error(err, "vocab_size 1000", "the draft must share the model's tokenizer")
+
+
 # ---- errors --------------------------------------------------------------------------------------
 
 
@@ -167,6 +184,9 @@ def test_folder_without_config_names_the_file(capsys, tmp_path):
         (["--dtype", "int3"], "invalid choice"),
         (["--device", "nonsense"], "--device 'nonsense'"),
         (["--system", "x"], "--system needs --chat"),
+        (["--prompt-lookup", "0"], "--prompt-lookup: must be >= 1"),
+        (["--draft-tokens", "3"], "--draft-tokens needs --draft-model"),
+        (["--prompt-lookup", "2", "--draft-model", "x"], "not allowed with argument"),
     ],
 )
 def test_bad_flags_are_clear_usage_errors(capsys, folder, flags, needle):

@@ -99,6 +99,7 @@ def _load(folder: Path, tokenizer, args: argparse.Namespace) -> Loaded:
 
     device = _device(args.device)
     progress = not args.quiet
+    draft = _draft_folder(args, folder)
     tp, rank = getattr(args, "tp", 1), 0
     if tp > 1:
         from zamba2 import tensor_parallel
@@ -119,22 +120,31 @@ def _load(folder: Path, tokenizer, args: argparse.Namespace) -> Loaded:
     from zamba2.checkpoint import eos_token_ids
 
     eos = eos_token_ids(folder, model.config.eos_token_id, tokenizer)
-    return Loaded(folder, model, tokenizer, eos, rank, _load_draft(args, model, device, progress))
+    return Loaded(folder, model, tokenizer, eos, rank, _load_draft(draft, model, device, progress))
 
 
-def _load_draft(args: argparse.Namespace, model, device, progress: bool):
-    """The --draft-model, in the model's dtype and device, checked against the model's vocabulary."""
+def _draft_folder(args: argparse.Namespace, folder: Path) -> Path | None:
+    """The --draft-model's folder, its config checked against the model's vocabulary before any weight loads."""
     name = getattr(args, "draft_model", None)
     if name is None:
         return None
+    from zamba2.checkpoint import read_config
+
+    draft = _resolve(name, None, args.quiet)
+    mine, theirs = read_config(folder).vocab_size, read_config(draft).vocab_size
+    if mine != theirs:
+        raise UsageError(f"--draft-model {name}: vocab_size {theirs}, the model's is {mine}; "
+                         "the draft must share the model's tokenizer")  # fmt: skip
+    return draft
+
+
+def _load_draft(folder: Path | None, model, device, progress: bool):
+    """The --draft-model in the model's dtype and device."""
+    if folder is None:
+        return None
     from zamba2.model import Zamba2ForCausalLM
 
-    folder = _resolve(name, None, args.quiet)
-    draft = Zamba2ForCausalLM.from_pretrained(folder, dtype=model.dtype, device=device, progress=progress)
-    if draft.config.vocab_size != model.config.vocab_size:
-        raise UsageError(f"--draft-model {name}: vocab_size {draft.config.vocab_size}, the model's is "
-                         f"{model.config.vocab_size}; the draft must share the model's tokenizer")  # fmt: skip
-    return draft.eval()
+    return Zamba2ForCausalLM.from_pretrained(folder, dtype=model.dtype, device=device, progress=progress).eval()
 
 
 def _check_ids(ids: list[int], loaded: Loaded) -> None:
