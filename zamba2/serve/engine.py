@@ -521,29 +521,16 @@ class Engine:
             self._running, self._batch = [], None
             self._fail(seq, f"decode step failed: {type(exc).__name__}: {exc}")
             return
-        finite = torch.isfinite(picked.logits).all(-1).tolist()
-        done, failure, last = False, None, 0
-        for last, (token, ok) in enumerate(zip(picked.tokens, finite, strict=True)):
-            if not ok:
-                failure = "the model's logits are not finite (NaN or inf)"
-                break
-            try:
-                done = seq.advance(token, picked.logits[last])
-            except Exception as exc:
-                log.exception("request %d: output failed", seq.id)
-                failure = f"output failed: {type(exc).__name__}: {exc}"
-                break
-            self.stats.generated_tokens += 1
-            if done:
-                break
-        rate = (last + 1) / max(time.perf_counter() - start, 1e-9)
+        emitted, done, failure = picked.emit(seq)
         s = self.stats
+        s.generated_tokens += emitted
         s.decode_steps += 1
+        rate = emitted / max(time.perf_counter() - start, 1e-9)
         s.decode_tokens_per_s = rate if s.decode_tokens_per_s == 0 else 0.8 * s.decode_tokens_per_s + 0.2 * rate
         if failure is not None:
             self._leave([], {0: failure})
         elif done:  # the prompt-cache snapshot needs the logits its last token came from
-            self._leave([0], {}, picked.logits[last : last + 1])
+            self._leave([0], {}, picked.logits[emitted - 1 : emitted])
 
     def _leave(self, finished: list[int], failed: dict[int, str], logits: torch.Tensor | None = None) -> None:
         """Rows `finished` are done (snapshot their state for the prompt cache), rows in `failed` end with

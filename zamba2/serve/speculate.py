@@ -11,6 +11,7 @@ tokens decoded meanwhile when the stream is alone again). The counters are the e
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ import torch
 from zamba2.cache import HybridCache
 from zamba2.serve.requests import Slot
 from zamba2.speculative import DEFAULT_DRAFT_TOKENS, DraftModel, PromptLookup, SpeculationStats, Speculator
+
+log = logging.getLogger("zamba2.serve")
 
 
 @dataclass
@@ -50,6 +53,21 @@ class Picked:
 
     tokens: list[int]
     logits: torch.Tensor
+
+    def emit(self, seq: Slot) -> tuple[int, bool, str | None]:
+        """Record the tokens in seq (its Outputs go out) until it finishes: (tokens emitted, finished, failure
+        message or None). Non-finite logits or a failing output end the request there."""
+        finite = torch.isfinite(self.logits).all(-1).tolist()
+        for i, (token, ok) in enumerate(zip(self.tokens, finite, strict=True)):
+            if not ok:
+                return i, False, "the model's logits are not finite (NaN or inf)"
+            try:
+                if seq.advance(token, self.logits[i]):
+                    return i + 1, True, None
+            except Exception as exc:
+                log.exception("request %d: output failed", seq.id)
+                return i, False, f"output failed: {type(exc).__name__}: {exc}"
+        return len(self.tokens), False, None
 
 
 def speculative_step(seq: Slot, batch: HybridCache, speculator: Speculator) -> Picked:
