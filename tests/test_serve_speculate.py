@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_serve_engine import VOCAB, Collect, alone, run
+
 from zamba2.config import Zamba2Config
 from zamba2.model import Zamba2ForCausalLM
 from zamba2.sampling import SamplingParams
