@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench lint clean default-model
+.PHONY: setup demo test test-all bench lint clean default-model draft-model
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -42,3 +42,13 @@ default-model: setup
 	  --seq-len 512 --batch-size 8 --lr 2e-3 --warmup 40 --weight-decay 0.1 --steps 800 \
 	  --eval-every 100 --eval-batches 8 --save-every 20 --dtype bf16 --seed 0 --threads 1
 	$(PY) recipes/default_model/finish.py $(DM)
+
+# The draft model for speculative decoding (zamba2/models/shakespeare-draft): 3 layers, the same data and tokenizer.
+DRAFT := build/draft-model
+draft-model: setup
+	$(PY) recipes/default_model/prepare.py $(DM)
+	$(PY) -m zamba2 train --config recipes/default_model/draft.json --tokenizer $(DM)/tokenizer \
+	  --data $(DM)/train --eval-data $(DM)/heldout --out $(DRAFT)/run --resume \
+	  --seq-len 512 --batch-size 8 --lr 2e-3 --warmup 40 --weight-decay 0.1 --steps 800 \
+	  --eval-every 100 --eval-batches 8 --save-every 20 --dtype bf16 --seed 0 --threads 1
+	$(PY) recipes/default_model/draft.py $(DRAFT)
