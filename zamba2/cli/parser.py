@@ -140,7 +140,7 @@ def _speculative_args(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--draft-model", type=_model_name, metavar="PATH_OR_ID",
                      help="a smaller Zamba2 with the same tokenizer proposes the tokens")  # fmt: skip
     g.add_argument("--draft-tokens", type=_number(int, 1, what=">= 1"), metavar="K",
-                   help="tokens the draft model proposes per check, at most (default 4; with --draft-model)")  # fmt: skip
+                   help="most tokens the draft model proposes per check (default 4; with --draft-model)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
