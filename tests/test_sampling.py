@@ -56,6 +56,16 @@ def test_top_k_keeps_exactly_the_k_largest(logits: torch.Tensor, k: int) -> None
             assert row[kept].min() >= row[~kept].max()
 
 
+@SETTINGS
+@given(logit_batches(), st.integers(1, 50))
+def test_top_k_keeps_what_a_stable_sort_keeps(logits: torch.Tensor, k: int) -> None:
+    """The threshold-and-ties filter keeps exactly the first k of a stable descending sort (lower ids first)."""
+    out = top_k_filter(logits, k)
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
+    want = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, order, True)
+    assert torch.equal(torch.isfinite(out), want)
+
+
 def test_top_k_ties_are_deterministic() -> None:
     logits = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0]])
     out = top_k_filter(logits, 2)
