@@ -98,17 +98,16 @@ class PromptLookup:
 class DraftModel:
     """A smaller Zamba2 proposing k tokens by k steps of its own, in its own cache.
 
-    The draft's cache holds a prefix of the history the model has emitted (`fed` tokens, `ids`); each proposal
-    first feeds it what it has not seen (at least the last token, plus the model's correction or bonus token), then
-    steps k - 1 times under speculation, which `accepted(n)` commits back to the kept drafts. One DraftModel
-    follows one sequence; if the history stops extending what it has fed, it starts again from the prompt."""
+    The draft's cache holds `ids`, a prefix of the history. Each proposal first feeds it the rest (at least the
+    last token; also the model's correction or bonus token, and whatever came while the speculator backed off),
+    then steps k - 1 times under speculation, which `accepted(n)` commits back to the kept drafts. One DraftModel
+    follows one sequence; if the history stops extending `ids`, it starts again from the prompt."""
 
     def __init__(self, model) -> None:
         self.model = model
         self.cache: HybridCache | None = None
         self.ids = torch.empty(0, dtype=torch.long)  # the tokens in the cache
         self._drafts: list[int] = []  # the last proposal
-        self._history_len = 0
 
     def _sync(self, history: torch.Tensor) -> torch.Tensor:
         """Feed the draft what it has not seen of history (L,); return its next logits (1, V)."""
@@ -145,7 +144,7 @@ class DraftModel:
             if i == 0:
                 self.cache.begin_speculation()
             logits = decode_step(self.model, history.new_tensor([token]), self.cache)
-        self._drafts, self._history_len = drafts, history.numel()
+        self._drafts = drafts
         return drafts, torch.stack(probs) if probs else None
 
     def accepted(self, n: int) -> None:
