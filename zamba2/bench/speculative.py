@@ -141,20 +141,37 @@ def decode_gain(model, draft, tokenizer, n: int, rounds: int, lookup_k: int, dra
                 "acceptance": None if st is None else st.acceptance_rate,
                 "verifications": None if st is None else st.verifications,
                 "plain_steps": None if st is None else st.plain_steps,
+                "proposed": None if st is None else st.proposed,
                 "same_tokens": None if kwargs.get("do_sample") else tokens[m] == tokens["plain"],
             })  # fmt: skip
     return rows
 
 
+def project(rows: list[dict[str, Any]], ratio: dict[int, float]) -> None:
+    """Add `projected`: the speed-up the same checks and plain steps would give where one k-draft check costs
+    ratio[k] decode steps (a `verify` run, e.g. at 1.2B). Prompt lookup only: its proposals cost nothing, a
+    draft model's depend on the draft. The first token comes from the prefill on both sides."""
+    for r in rows:
+        if r["verifications"] is None or not r["method"].startswith("prompt lookup"):
+            continue
+        k = max(1, min(max(ratio), round(r["proposed"] / max(r["verifications"], 1))))
+        cost = r["plain_steps"] + r["verifications"] * ratio[k]  # in decode steps
+        r["projected"] = (r["new_tokens"] - 1) / cost
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
+    projected = any("projected" in r for r in rows)
     head = "| workload | method | tok/s | vs plain | acceptance | checks / plain steps | greedy = plain |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    lines = [head + (" projected |" if projected else ""), "|---|---|---|---|---|---|---|" + ("---|" * projected)]
     for r in rows:
         acc = "" if r["acceptance"] is None else f"{100 * r['acceptance']:.0f}%"
         checks = "" if r["verifications"] is None else f"{r['verifications']} / {r['plain_steps']}"
         same = "" if r["same_tokens"] is None else ("yes" if r["same_tokens"] else "NO")
-        lines.append(f"| {r['workload']} | {r['method']} | {r['tokens_per_s']:.1f} | {r['vs_plain']:.2f}x | {acc} | "
-                     f"{checks} | {same} |")  # fmt: skip
+        line = (f"| {r['workload']} | {r['method']} | {r['tokens_per_s']:.1f} | {r['vs_plain']:.2f}x | {acc} | "
+                f"{checks} | {same} |")  # fmt: skip
+        if projected:
+            line += f" {r['projected']:.2f}x |" if "projected" in r else " |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -173,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--lookup-tokens", type=int, default=8)
     d.add_argument("--draft-tokens", type=int, default=4)
     d.add_argument("--passage-tokens", type=int, default=200, help="held-out tokens the grounded prompt holds")
+    d.add_argument("--verify-json", metavar="FILE", help="a `verify --json` result: project prompt lookup's "
+                   "checks and plain steps onto that model's verification cost")  # fmt: skip
     for q in (v, d):
         q.add_argument("--rounds", type=int, default=3)
         q.add_argument("--threads", type=int, default=1)
@@ -211,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = Tokenizer.from_pretrained(args.model)
         result = decode_gain(model, draft, tokenizer, args.new_tokens, args.rounds, args.lookup_tokens,
                              args.draft_tokens, args.passage_tokens)  # fmt: skip
+        if args.verify_json:
+            ratios = json.loads(Path(args.verify_json).read_text())["ratio"]
+            project(result, {int(k): float(v) for k, v in ratios.items()})
         print(_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
