@@ -118,3 +118,20 @@ def test_compiled_decode_step_equals_eager():
         compiled.enable(False)
     torch.testing.assert_close(y_fast, y_eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s_fast, s_eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_steps_equal_sequential_conv_step_bitwise(dtype):
+    """The verification's few-token conv gives exactly what T decode steps give (greedy speculation relies on it)."""
+    from zamba2.ops.conv import conv_step, conv_steps
+
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        b, T, C = 1 + seed % 2, 1 + seed % 9, 96 + 32 * (seed % 3)
+        x = torch.randn(b, T, C, generator=g).to(dtype)
+        state = torch.randn(b, C, 3, generator=g).to(dtype)
+        w, bias = torch.randn(C, 4, generator=g).to(dtype), torch.randn(C, generator=g).to(dtype)
+        out, new_state = conv_steps(x, w, bias if seed % 4 else None, state)
+        s = state.clone()
+        want = torch.stack([conv_step(x[:, t], w, bias if seed % 4 else None, s) for t in range(T)], dim=1)
+        assert torch.equal(out, want) and torch.equal(new_state, s)
