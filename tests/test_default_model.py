@@ -87,3 +87,20 @@ def test_eval_through_the_server_equals_eval_without_it(checkpoint):
             assert r.returncode == 0, r.stderr
             figures.append(r.stdout.strip())
     assert figures[0].startswith("perplexity") and figures[0] == figures[1], figures
+
+
+DRAFT = zamba2.DEFAULT_MODEL.parent / "shakespeare-draft"
+
+
+@pytest.mark.skipif(not (DRAFT / "model.safetensors").is_file(), reason="no draft model shipped")
+def test_shipped_draft_model_drafts_for_the_default_model():
+    """The draft shares the default model's tokenizer; in fp32 speculation with it gives plain greedy's tokens."""
+    assert (DRAFT / "tokenizer.json").read_bytes() == (zamba2.DEFAULT_MODEL / "tokenizer.json").read_bytes()
+    assert "make draft-model" in (DRAFT / "README.md").read_text()
+    model = Zamba2ForCausalLM.from_pretrained(zamba2.DEFAULT_MODEL, dtype="float32", progress=False).eval()
+    draft = Zamba2ForCausalLM.from_pretrained(DRAFT, dtype="float32", progress=False).eval()
+    assert draft.config.vocab_size == model.config.vocab_size
+    assert draft.config.num_hidden_layers < model.config.num_hidden_layers
+    ids = torch.tensor([Tokenizer.from_pretrained(DRAFT).encode("KING HENRY.\nNow, lords, ")])
+    plain = model.generate(ids, max_new_tokens=24, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=24, do_sample=False, assistant_model=draft), plain)
