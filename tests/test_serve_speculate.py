@@ -132,3 +132,57 @@ def test_settings_refuse_bad_values():
         SpeculationSettings()
     with pytest.raises(ValueError, match="prompt_lookup must be an int >= 1"):
         SpeculationSettings(prompt_lookup=0)
+
+
+def test_serve_with_the_shipped_draft_model_end_to_end(tmp_path):
+    """`zamba2 serve --draft-model`: the real server answers as plain greedy does, and /metrics counts the checks."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import zamba2
+    from test_serve import ROOT, free_port
+    from zamba2.tokenizer import Tokenizer
+
+    draft = zamba2.DEFAULT_MODEL.parent / "shakespeare-draft"
+    if not (draft / "model.safetensors").is_file():
+        pytest.skip("no draft model shipped")
+    port = free_port()
+    argv = [sys.executable, "-m", "zamba2.serve", "--model", str(zamba2.DEFAULT_MODEL), "--port", str(port),
+            "--dtype", "fp32", "--draft-model", str(draft), "--draft-tokens", "3", "--threads", "1",
+            "--log-level", "warning", "--served-model-name", "shakespeare"]  # fmt: skip
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, Path(tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become healthy"
+            time.sleep(0.2)
+        prompt = "KING HENRY.\nNow, lords, "
+        body = {"model": "shakespeare", "prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 1}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        model = Zamba2ForCausalLM.from_pretrained(zamba2.DEFAULT_MODEL, dtype="float32", progress=False).eval()
+        ids = Tokenizer.from_pretrained(zamba2.DEFAULT_MODEL).encode(prompt)
+        want = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=[])
+        got = r.json()["choices"][0]["logprobs"]["tokens"]
+        assert len(got) == 24
+        text = Tokenizer.from_pretrained(zamba2.DEFAULT_MODEL).decode(want[0, len(ids):].tolist())
+        assert r.json()["choices"][0]["text"] == text
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        checks = [line for line in metrics.splitlines() if line.startswith("zamba2_speculative_verifications_total")]
+        assert checks and float(checks[0].split()[-1]) > 0, metrics
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        log.close()
