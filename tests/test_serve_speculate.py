@@ -143,8 +143,9 @@ def test_serve_with_the_shipped_draft_model_end_to_end(tmp_path):
     import time
     from pathlib import Path
 
-    import zamba2
     from test_serve import ROOT, free_port
+
+    import zamba2
     from zamba2.tokenizer import Tokenizer
 
     draft = zamba2.DEFAULT_MODEL.parent / "shakespeare-draft"
