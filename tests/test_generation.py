@@ -161,3 +161,15 @@ def test_bad_arguments(model):
         model.generate(torch.ones(1, 3, dtype=torch.long), do_sample=True, top_p=1.5)
     with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
         model.generate(torch.ones(1, 3, dtype=torch.long), stop_strings=["x"])
+
+
+def test_non_finite_logits_are_an_error_not_token_zero():
+    """A model whose weights overflowed gives NaN logits: generate says so instead of answering with id 0."""
+    torch.manual_seed(0)
+    model = Zamba2ForCausalLM(Zamba2Config.preset("tiny", vocab_size=64)).eval()
+    with torch.no_grad():
+        model.model.final_layernorm.weight.fill_(float("nan"))
+    ids = torch.tensor([[1, 5, 9, 5, 9]])
+    for kw in ({}, {"do_sample": True}, {"prompt_lookup_num_tokens": 2}):
+        with pytest.raises(FloatingPointError, match="not finite .* at new token 0"):
+            model.generate(ids, max_new_tokens=3, **kw)

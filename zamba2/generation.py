@@ -51,6 +51,20 @@ def _eos_set(eos_token_id: int | Sequence[int] | None, config_eos) -> list[int]:
     return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
 
 
+def check_finite(logits: torch.Tensor, n: int, rows: torch.Tensor | None = None) -> None:
+    """Refuse to pick a token from NaN or infinite logits (B, V) of the rows that are still generating: argmax
+    and sampling would return an arbitrary id (token 0) as if it were an answer."""
+    bad = ~torch.isfinite(logits).all(-1)
+    if rows is not None:
+        bad &= rows
+    if bool(bad.any()):
+        which = bad.nonzero()[:, 0].tolist()
+        raise FloatingPointError(
+            f"the model's logits are not finite (NaN or inf) at new token {n} in row(s) {which}: the weights or the "
+            "activations overflowed; float16 overflows most easily, try dtype=torch.bfloat16 or torch.float32"
+        )
+
+
 def _check_tensor(input_ids: Any) -> None:
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(
@@ -218,6 +232,7 @@ def generate_iter(
     for n in range(max_new_tokens):
         pos = T + n
         raw = logits
+        check_finite(raw, n, ~finished)
         if n < min_new_tokens and len(eos):
             logits = logits.index_fill(-1, eos, float("-inf"))  # no end of sequence before min_new_tokens
         prev = (history[:, :pos], seen[:, :pos]) if use_history else (None, None)

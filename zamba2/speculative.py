@@ -34,7 +34,7 @@ from typing import Protocol
 import torch
 
 from zamba2.cache import HybridCache
-from zamba2.generation import decode_step, prefill
+from zamba2.generation import check_finite, decode_step, prefill
 from zamba2.sampling import SamplingParams, processed_logits
 
 DEFAULT_NGRAM_SIZE = 2  # transformers' max_matching_ngram_size default
@@ -355,6 +355,7 @@ def generate_tokens(
     n = 0
     while True:
         for i, token in enumerate(step.tokens):
+            check_finite(step.logits[i : i + 1], n)
             pos = prompt_len + n
             row[pos] = token
             if scores is not None:
