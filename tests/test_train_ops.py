@@ -216,3 +216,25 @@ def test_model_gradients_with_all_fast_paths_equal_plain(monkeypatch):
     _close("loss", results[1][0], results[0][0])
     for k, g in results[0][1].items():
         _close(k, results[1][1][k], g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_autograd_equals_plain(dtype, monkeypatch):
+    from zamba2.ops import norms
+
+    g = torch.Generator().manual_seed(11)
+    x, dout = torch.randn(2, 5, 16, generator=g).to(dtype), torch.randn(2, 5, 16, generator=g).to(dtype)
+    w = (torch.rand(16, generator=g) + 0.5).to(dtype)
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(norms, "FUSED_BACKWARD", fused)
+        norm = norms.RMSNorm(16).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(w)
+        leaf = x.clone().requires_grad_()
+        out = norm(leaf)
+        (out * dout).sum().backward()
+        results.append((out.detach(), leaf.grad, norm.weight.grad))
+    for name, a, b in zip(("out", "dx", "dweight"), results[1], results[0], strict=True):
+        assert a.dtype == b.dtype, name
+        _close(name, a.float(), b.float(), tol=1e-5 if dtype == torch.float32 else 1e-2)

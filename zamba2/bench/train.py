@@ -5,8 +5,12 @@
 
 Each implementation runs in its own worker process (as in `zamba2 bench`), so each peak RSS is its own; the
 rounds alternate (ours, ref, ref, ours, ...) and the best round counts. One round of a worker is one training
-step on fixed random ids, labels = ids, under bf16 autocast over fp32 master weights: the forward (ours with
-`loss_only=True`, the fused lm_head + cross entropy), the backward, then torch's AdamW step, timed apart.
+step on fixed random ids, labels = ids: the forward (ours with `loss_only=True`, the fused lm_head + cross
+entropy), the backward, then the optimizer step, timed apart. The precision of each side (`--precision`,
+`--ref-precision`): `autocast` (fp32 weights under bf16 autocast, torch's AdamW on them; the reference's
+default, as the issue defines it) or `bf16` (bf16 weights, fp32 masters in the step: zamba2/train/precision.py;
+the step then holds the grads -> fp32 and masters -> bf16 casts that autocast does in forward and backward, so
+the whole step is reported too). `--optimizer-in-backward` steps each parameter inside the backward (ours).
 
 Also measured, in the ours worker every round: the GEMM floor, the time of the bf16 matrix products of the same
 shapes alone (forward, and in backward the input gradient and, for trainable weights, the weight gradient of
@@ -40,6 +44,7 @@ from zamba2.bench.memory import GB, peak_rss_bytes, reset_peak_rss, weight_bytes
 from zamba2.bench.models import build_ours, build_reference
 from zamba2.bench.runner import WorkerProcess, prompt, worker_env
 from zamba2.config import Zamba2Config
+from zamba2.train.precision import MixedPrecisionAdamW
 
 OPTIMIZERS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
 
@@ -111,7 +116,8 @@ class TrainRunner:
         self.peaks: dict[str, int] = {"import": peak_rss_bytes()}
         reset_peak_rss()
         config = self.config = bench_config(args)
-        if args.lora:
+        self.precision = args.ref_precision if impl == "ref" else args.precision
+        if args.lora:  # frozen bf16 base, fp32 factors (bf16 ones with fp32 masters under --precision bf16)
             from zamba2.train.lora import add_lora
 
             self.model = build_ours(config, torch.bfloat16, args.seed)
@@ -125,7 +131,15 @@ class TrainRunner:
         if args.grad_checkpointing:
             self.model.gradient_checkpointing_enable()
         params = [p for p in {id(p): p for p in self.model.parameters()}.values() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-5, **OPTIMIZERS[args.adamw])
+        in_backward = args.optimizer_in_backward and impl == "ours"
+        self.mixed = None
+        if self.precision == "bf16" or in_backward:
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            self.mixed = MixedPrecisionAdamW(self.model, [{"params": params}], dtype, in_backward, lr=1e-5,
+                                             **OPTIMIZERS[args.adamw])  # fmt: skip
+            self.optimizer = self.mixed
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=1e-5, **OPTIMIZERS[args.adamw])
         self.ids = prompt(args.batch, args.tokens, config.vocab_size)
         self.calls = linear_calls(self.model, self.ids) if impl == "ours" else []
         gc.collect()
@@ -133,6 +147,7 @@ class TrainRunner:
             "impl": impl,
             "weight_bytes": weight_bytes(self.model),
             "trainable": sum(p.numel() for p in params),
+            "master_bytes": 4 * sum(m.numel() for m in self.mixed.masters) if self.mixed is not None else 0,
             "gemm_flops": sum(2 * r * k * n * (3 if t else 2) for r, k, n, t in self.calls),
         }
         self._phase("build")
@@ -143,7 +158,7 @@ class TrainRunner:
         reset_peak_rss()
 
     def _loss(self) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "autocast"):
             if self.impl == "ref":
                 return self.model(self.ids, labels=self.ids, use_cache=False).loss
             return self.model(self.ids, labels=self.ids, use_cache=False, loss_only=True).loss
@@ -155,8 +170,8 @@ class TrainRunner:
         loss.backward()
         end = time.perf_counter()
         self._phase("forward_backward")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()  # in-backward: done inside the backward
+        self.optimizer.zero_grad()
         step_end = time.perf_counter()
         del loss
         gc.collect()
@@ -253,6 +268,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
     argv = ["--arch", args.arch, "--layers", str(args.layers), "--tokens", str(args.tokens), "--batch", str(args.batch),
             "--seed", str(args.seed), "--adamw", args.adamw, "--threads", str(torch.get_num_threads())]  # fmt: skip
     argv += ["--grad-checkpointing"] if args.grad_checkpointing else []
+    argv += ["--precision", args.precision, "--ref-precision", args.ref_precision]
+    argv += ["--optimizer-in-backward"] if args.optimizer_in_backward else []
     return argv + (["--lora", str(args.lora)] if args.lora else [])
 
 
@@ -309,6 +326,7 @@ def summarise(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             ],  # fmt: skip
             "tokens_per_s": tokens / (best["forward"] + best["backward"]),
             "optimizer_s": min(r["optimizer"] for r in rounds),
+            "step_s": min(r["forward"] + r["backward"] + r["optimizer"] for r in rounds),
             "peak_rss_bytes": raw["memory"][impl]["peak_rss_bytes"],
             "weight_bytes": raw["info"][impl]["weight_bytes"],
             "trainable": raw["info"][impl]["trainable"],
@@ -320,13 +338,15 @@ def summarise(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         out[impl] = s
     if "ours" in out and "ref" in out:
         out["speedup"] = out["ref"]["forward_backward_s"] / out["ours"]["forward_backward_s"]
+        out["step_speedup"] = out["ref"]["step_s"] / out["ours"]["step_s"]
         out["rss_ratio"] = out["ours"]["peak_rss_bytes"] / out["ref"]["peak_rss_bytes"]
     return out
 
 
 def format_table(s: dict[str, Any], args: argparse.Namespace) -> str:
     what = f"LoRA rank {args.lora}, {args.arch}" if args.lora else f"{args.layers}-layer slice of {args.arch}"
-    lines = [f"training step, {what}, {args.batch} x {args.tokens} tokens, bf16 autocast, "
+    lines = [f"training step, {what}, {args.batch} x {args.tokens} tokens, ours {args.precision}"
+             f"{' + optimizer in backward' if args.optimizer_in_backward else ''}, ref {args.ref_precision}, "
              f"{torch.get_num_threads()} threads, best of {args.repeats}"]  # fmt: skip
     for impl in ("ours", "ref"):
         if impl not in s:
@@ -334,6 +354,7 @@ def format_table(s: dict[str, Any], args: argparse.Namespace) -> str:
         r = s[impl]
         line = (f"  {impl:5} forward {r['forward_s']:.2f} s + backward {r['backward_s']:.2f} s = "
                 f"{r['forward_backward_s']:.2f} s ({r['tokens_per_s']:.0f} tok/s), optimizer {r['optimizer_s']:.2f} s, "
+                f"whole step {r['step_s']:.2f} s, "
                 f"peak RSS {r['peak_rss_bytes'] / GB:.2f} GB (weights {r['weight_bytes'] / GB:.2f})")  # fmt: skip
         lines.append(line)
         if "gemm_floor_s" in r:
@@ -342,7 +363,8 @@ def format_table(s: dict[str, Any], args: argparse.Namespace) -> str:
                          f"{r['gemm_flops'] / r['gemm_floor_s'] / 1e9:.0f} GFLOP/s): step / floor "
                          f"{r['vs_gemm_floor']:.2f}x")  # fmt: skip
     if "speedup" in s:
-        lines.append(f"  forward + backward speed-up {s['speedup']:.2f}x; peak RSS ratio {s['rss_ratio']:.2f}x")
+        lines.append(f"  forward + backward speed-up {s['speedup']:.2f}x, whole step {s['step_speedup']:.2f}x; "
+                     f"peak RSS ratio {s['rss_ratio']:.2f}x")  # fmt: skip
     if "adamw" in s:
         a = s["adamw"]
         lines.append("  AdamW step: " + ", ".join(f"{k} {v:.2f} s" for k, v in a.items()))
@@ -360,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adamw", choices=list(OPTIMIZERS), default="fused", help="the workers' AdamW implementation")
     p.add_argument("--no-adamw", action="store_true", help="skip the AdamW comparison worker")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer in backward (both sides)")
+    p.add_argument("--precision", choices=["autocast", "bf16"], default="bf16",
+                   help="ours: fp32 weights under autocast, or bf16 weights + fp32 masters in the step")  # fmt: skip
+    p.add_argument("--ref-precision", choices=["autocast", "bf16"], default="autocast", help="the same, reference")
+    p.add_argument("--optimizer-in-backward", action="store_true", help="ours: step each parameter in the backward")
     p.add_argument("--only", choices=["ours", "ref"])
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0)

@@ -56,8 +56,12 @@ def add_parser(sub) -> None:
     h.add_argument("--resume", action="store_true", help="continue from --out's newest checkpoint (if any)")
     r = p.add_argument_group("runtime")
     r.add_argument("--grad-checkpointing", action="store_true", help="recompute layers in backward (less memory)")
-    r.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16 = autocast over fp32 master weights (default fp32)")  # fmt: skip
+    r.add_argument("--dtype", choices=["fp32", "bf16", "bf16-autocast"], default="fp32",
+                   help="bf16: bf16 weights, fp32 master copies in the optimizer step; bf16-autocast: fp32 weights "
+                        "under bf16 autocast (default fp32)")  # fmt: skip
+    r.add_argument("--optimizer-in-backward", action="store_true",
+                   help="step each parameter as soon as its gradient is complete and free that gradient (one "
+                        "gradient copy of the weights less); needs --grad-accum 1 and --max-grad-norm 0")  # fmt: skip
     r.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=_number(int, 1, what=">= 1"), metavar="N", help="torch CPU threads")
@@ -82,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_batches=args.eval_batches, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         resume=args.resume, grad_checkpointing=args.grad_checkpointing, dtype=args.dtype, device=args.device,
         seed=args.seed, threads=args.threads, plot=args.plot, progress=not args.quiet,
-        dist_timeout=args.dist_timeout,
+        dist_timeout=args.dist_timeout, optimizer_in_backward=args.optimizer_in_backward,
     )  # fmt: skip
     from zamba2.train import distributed
 

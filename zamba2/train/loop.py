@@ -1,5 +1,6 @@
-"""The training loop: AdamW, linear warm-up then cosine decay, gradient accumulation, clipping, bf16 autocast
-over fp32 master weights, periodic held-out loss, checkpoints with exact resume, JSONL metrics. Under torchrun
+"""The training loop: AdamW, linear warm-up then cosine decay, gradient accumulation, clipping, bf16 weights
+with fp32 masters in the optimizer (precision.py) or bf16 autocast over fp32 weights, periodic held-out loss,
+checkpoints with exact resume, JSONL metrics. Under torchrun
 (WORLD_SIZE > 1) the model is sharded with FSDP2 and each rank takes its share of every batch (distributed.py).
 
     step s:  for each of grad_accum micro-batches: loss = model(**batch).loss * (targets_b / targets_step);
@@ -18,17 +19,21 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from zamba2.train import distributed
+from zamba2.train import distributed, precision
 from zamba2.train import state as ckpt
 from zamba2.train.data import IGNORE, DataError, Labelled, Rows, causal_lm_rows
 
 TASKS = ("causal-lm", "sequence-classification")
+# fp32: everything fp32.  bf16: bf16 parameters, fp32 masters in the optimizer step (precision.py; under torchrun
+# FSDP's bf16 parameter gathers over fp32 shards).  bf16-autocast: fp32 parameters, bf16 autocast in the forward.
+DTYPES = ("fp32", "bf16", "bf16-autocast")
 
 
 @dataclass
@@ -63,7 +68,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     grad_checkpointing: bool = False
-    dtype: str = "fp32"  # fp32 | bf16 (autocast; master weights stay fp32)
+    dtype: str = "fp32"  # one of DTYPES
+    optimizer_in_backward: bool = False  # step each parameter as soon as its gradient is complete (precision.py)
     device: str = "cpu"
     seed: int = 0
     threads: int | None = None
@@ -146,8 +152,12 @@ class Trainer:
             raise DataError("--task sequence-classification needs --num-labels K")
         if cfg.seq_len < 2:
             raise DataError(f"--seq-len must be at least 2, got {cfg.seq_len}")
-        if cfg.dtype not in ("fp32", "bf16"):
-            raise DataError(f"--dtype must be fp32 or bf16 (bf16 = autocast over fp32 weights), got {cfg.dtype!r}")
+        if cfg.dtype not in DTYPES:
+            raise DataError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+        if cfg.optimizer_in_backward and (cfg.grad_accum != 1 or cfg.max_grad_norm > 0):
+            raise DataError("--optimizer-in-backward steps each parameter during the backward: it needs "
+                            f"--grad-accum 1 (got {cfg.grad_accum}) and --max-grad-norm 0 (got {cfg.max_grad_norm:g}; "
+                            "a global norm needs every gradient before the first step)")  # fmt: skip
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -160,6 +170,8 @@ class Trainer:
         self.device = torch.device(cfg.device) if self.dist is None else self.dist.device
         if self.dist is not None:
             distributed.check_batch(cfg.batch_size, self.dist)
+            if cfg.optimizer_in_backward:
+                raise DataError("--optimizer-in-backward runs in one process only (not under torchrun)")
         self.model, self.tok, self.base_name = _load_model_and_tokenizer(cfg)
         self.lora = cfg.lora_rank is not None
         if self.lora:
@@ -192,15 +204,25 @@ class Trainer:
         # torch's fused AdamW: on the 1.2B 6-layer slice's 0.34G parameters here, 0.38 s a step against 1.68 s
         # foreach and 1.99 s for-loop (python -m zamba2.bench.train, one core)
         fused = self.device.type in ("cpu", "cuda")
-        self.optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), fused=fused or None
-        )
+        adamw = {"lr": cfg.lr, "betas": (0.9, 0.95), "fused": fused or None}
+        groups = [g for g in groups if g["params"]]
+        # bf16 in one process, or any in-backward step: the optimizer holds fp32 masters of the trainable
+        # parameters (in fp32 those are the parameters themselves) and the model computes in bf16
+        self.mixed: precision.MixedPrecisionAdamW | None = None
+        self.autocast = cfg.dtype == "bf16-autocast" or (cfg.dtype == "bf16" and self.dist is not None)
+        if self.dist is None and (cfg.dtype == "bf16" or cfg.optimizer_in_backward):
+            dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+            self.mixed = precision.MixedPrecisionAdamW(self.model, groups, dtype, cfg.optimizer_in_backward, **adamw)
+            self.optimizer = self.mixed.optimizer
+        else:
+            self.optimizer = torch.optim.AdamW(groups, **adamw)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.warmup, self.total_steps, cfg.min_lr_ratio)
         )
         self.progress = ckpt.Progress()
         self.metrics_path = self.out / "metrics.jsonl"
         self._step_start = (0, 0)  # data position before the step in progress
+        self._in_step = False  # between a step's first row and its last update
         if cfg.resume:
             self._resume()
         if self.progress.step == 0:
@@ -209,7 +231,12 @@ class Trainer:
                        "train_targets": tokens, "total_steps": self.total_steps})  # fmt: skip
 
     # -- state --
+    def _masters(self):
+        """With fp32 masters, they stand in the model while checkpoints and exports read it (resume writes)."""
+        return self.mixed.in_model() if self.mixed is not None else nullcontext()
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trained tensors (fp32 masters under --dtype bf16); call inside `_masters()` to read them."""
         if self.lora:
             from zamba2.train import lora
 
@@ -221,6 +248,11 @@ class Trainer:
         if folder is None:
             return  # nothing saved yet: a fresh start
         tensors, self.progress, _ = ckpt.load(folder, self.optimizer, self.scheduler)
+        with self._masters():
+            self._load_trained(folder, tensors)
+        self._log({"event": "resumed", "step": self.progress.step, "from": str(folder)})
+
+    def _load_trained(self, folder: Path, tensors: dict[str, torch.Tensor]) -> None:
         if (folder / "sharded").is_dir():  # written by N ranks: loads on any number, one process included
             distributed.load_sharded(folder / "sharded", self.model, self.optimizer)
         elif self.dist is not None:
@@ -237,7 +269,6 @@ class Trainer:
             with torch.no_grad():
                 for name, p in own.items():
                     p.copy_(tensors[name])
-        self._log({"event": "resumed", "step": self.progress.step, "from": str(folder)})
 
     def save_checkpoint(self) -> Path:
         if self.dist is not None:  # every rank writes its shards, then rank 0 the rest (and the rename)
@@ -249,8 +280,9 @@ class Trainer:
                           self.cfg.keep_checkpoints, sharded=shards)  # fmt: skip
             distributed.barrier()
             return ckpt.checkpoint_root(self.out) / name
-        return ckpt.save(self.out, self.trainable_state(), self.optimizer, self.scheduler, self.progress,
-                         asdict(self.cfg), self.cfg.keep_checkpoints)  # fmt: skip
+        with self._masters():
+            return ckpt.save(self.out, self.trainable_state(), self.optimizer, self.scheduler, self.progress,
+                             asdict(self.cfg), self.cfg.keep_checkpoints)  # fmt: skip
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.main:
@@ -275,7 +307,7 @@ class Trainer:
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             # causal LM: the fused lm_head + cross entropy (the loss alone, no (T, vocab) logits)
             extra = {"loss_only": True} if self.cfg.task != "sequence-classification" else {}
             out = self.model(**batch, use_cache=False, **extra)
@@ -285,6 +317,7 @@ class Trainer:
         """One optimizer step; returns (mean loss over the step's targets, target tokens)."""
         self.model.train()
         self._step_start = (self.progress.epoch, self.progress.row)
+        self._in_step = True
         rows = [self._next_rows() for _ in range(self.cfg.grad_accum)]
         if self.dist is not None:
             rows = [distributed.local_rows(r, self.dist) for r in rows]
@@ -302,25 +335,41 @@ class Trainer:
                     (self.model(**inputs, use_cache=False).logits.sum() * 0.0).backward()
                 continue
             loss = self._forward(batch).loss
+            value = float(loss.detach())
+            if self.cfg.optimizer_in_backward and not math.isfinite(value):  # the backward would step on it
+                self._stop_on(value)
             scaled = loss * (count * world / total)
             scaled.backward()
-            loss_sum += float(loss.detach()) * count
+            if self.mixed is not None and self.cfg.grad_accum > 1:
+                self.mixed.accumulate()  # into the fp32 master gradients: no accumulation in bf16
+            loss_sum += value * count
         if self.dist is not None:
             loss_sum = distributed.all_sum(loss_sum, self.dist)
         mean = loss_sum / total
         if not math.isfinite(mean):
-            raise TrainingStopped(
-                f"the loss became {mean} at step {self.progress.step + 1}; stopped without saving it "
-                "(lower --lr or check the data); the last good checkpoint is kept"
-            )
+            self._stop_on(mean)
+        step = self.mixed if self.mixed is not None else self.optimizer
         if self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            if self.mixed is not None:
+                self.mixed.clip_grad_norm_(self.cfg.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.cfg.max_grad_norm)
+        step.step()  # in-backward: already done parameter by parameter
+        step.zero_grad()
         self.scheduler.step()
         self.progress.step += 1
         self.progress.tokens += targets
+        self._in_step = False
         return mean, targets
+
+    def _stop_on(self, loss: float) -> None:
+        self._in_step = False
+        if self.mixed is not None:
+            self.mixed.zero_grad()
+        raise TrainingStopped(
+            f"the loss became {loss} at step {self.progress.step + 1}; stopped without saving it "
+            "(lower --lr or check the data); the last good checkpoint is kept"
+        )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -356,7 +405,9 @@ class Trainer:
         try:
             while self.progress.step < self.total_steps:
                 t0 = time.perf_counter()
-                loss, tokens = self.train_step()
+                # in-backward: an interrupt mid-backward would leave half the parameters stepped; it waits
+                with precision.interrupts_held(cfg.optimizer_in_backward):
+                    loss, tokens = self.train_step()
                 dt = time.perf_counter() - t0
                 record = {"step": self.progress.step, "loss": round(loss, 5),
                           "lr": self.scheduler.get_last_lr()[0], "tokens": self.progress.tokens,
@@ -371,9 +422,12 @@ class Trainer:
                     self.save_checkpoint()
         except KeyboardInterrupt:
             bar.close()
-            # the interrupted step never happened: back to its first row, gradients dropped
-            self.progress.epoch, self.progress.row = self._step_start
-            self.optimizer.zero_grad(set_to_none=True)
+            # an interrupted step never happened: back to its first row, gradients dropped (an interrupt after
+            # the step's update keeps it)
+            if self._in_step:
+                self.progress.epoch, self.progress.row = self._step_start
+                self._in_step = False
+            (self.mixed or self.optimizer).zero_grad()
             folder = self.save_checkpoint()
             raise TrainingStopped(f"interrupted at step {self.progress.step}; resumable checkpoint in {folder} "
                                   f"(run again with --resume)") from None  # fmt: skip
@@ -398,12 +452,13 @@ class Trainer:
             model = distributed.plain_copy(self.model, self._same_structure, self.dist, trainable_only=self.lora)
             if model is None:
                 return
-        if self.lora:
-            from zamba2.train import lora
+        with self._masters() if model is self.model else nullcontext():  # the fp32 masters are the result
+            if self.lora:
+                from zamba2.train import lora
 
-            lora.save_adapter(model, self.out, base_model_name_or_path=self.base_name)
-        else:
-            model.save_pretrained(self.out)
+                lora.save_adapter(model, self.out, base_model_name_or_path=self.base_name)
+            else:
+                model.save_pretrained(self.out)
         self.tok.save_pretrained(self.out)
 
     def _same_structure(self):
