@@ -262,6 +262,18 @@ def test_chat_keeps_history_and_reset_clears_it(capsys, chat_folder, loaded, mon
     assert "conversation cleared" in err
 
 
+def test_chat_with_speculation_answers_as_without(capsys, chat_folder, monkeypatch):
+    script = "hello hello hello\nagain again\n/exit\n"
+    answers = []
+    for flags in ([], ["--prompt-lookup", 3], ["--draft-model", chat_folder]):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+        code, out, err = run(capsys, "chat", "-m", chat_folder, "--max-new-tokens", 10, *flags)
+        assert code == 0, err
+        assert ("speculative: " in err) == bool(flags), err
+        answers.append(out)
+    assert answers[0] == answers[1] == answers[2]
+
+
 def test_chat_ctrl_c_stops_the_answer_only(capsys, chat_folder, loaded, monkeypatch):
     tok = Tokenizer.from_pretrained(chat_folder)
     original = Zamba2ForCausalLM.generate_iter
