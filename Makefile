@@ -40,7 +40,7 @@ default-model: setup
 	$(PY) -m zamba2 train --config recipes/default_model/config.json --tokenizer $(DM)/tokenizer \
 	  --data $(DM)/train --eval-data $(DM)/heldout --out $(DM)/run --resume \
 	  --seq-len 512 --batch-size 8 --lr 2e-3 --warmup 40 --weight-decay 0.1 --steps 800 \
-	  --eval-every 100 --eval-batches 8 --save-every 20 --dtype bf16 --seed 0 --threads 1
+	  --eval-every 100 --eval-batches 8 --save-every 20 --dtype bf16-autocast --seed 0 --threads 1
 	$(PY) recipes/default_model/finish.py $(DM)
 
 # The draft model for speculative decoding (zamba2/models/shakespeare-draft): 3 layers, the same data and tokenizer.
@@ -50,5 +50,5 @@ draft-model: setup
 	$(PY) -m zamba2 train --config recipes/default_model/draft.json --tokenizer $(DM)/tokenizer \
 	  --data $(DM)/train --eval-data $(DM)/heldout --out $(DRAFT)/run --resume \
 	  --seq-len 512 --batch-size 8 --lr 2e-3 --warmup 40 --weight-decay 0.1 --steps 800 \
-	  --eval-every 100 --eval-batches 8 --save-every 20 --dtype bf16 --seed 0 --threads 1
+	  --eval-every 100 --eval-batches 8 --save-every 20 --dtype bf16-autocast --seed 0 --threads 1
 	$(PY) recipes/default_model/draft.py $(DRAFT)

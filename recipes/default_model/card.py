@@ -43,7 +43,7 @@ make default-model      # recipes/default_model/: prepare.py, config.json, the z
 ```
 
 `zamba2 train --config recipes/default_model/config.json --seq-len 512 --batch-size 8 --lr 2e-3 --warmup 40
---weight-decay 0.1 --steps 800 --dtype bf16 --seed 0 --threads 1` (AdamW betas 0.9/0.95, cosine to 10%,
+--weight-decay 0.1 --steps 800 --dtype bf16-autocast --seed 0 --threads 1` (AdamW betas 0.9/0.95, cosine to 10%,
 clipping at 1.0; bf16 autocast over fp32 master weights). Each play is one document (bos ... eos), packed into
 rows of 512 tokens. {t['steps']} steps, {t['tokens_seen']:,} training tokens seen (about
 {t['tokens_seen'] / t['train_targets_per_epoch']:.1f} epochs), {t['train_hours']:.2f} hours of training on one
