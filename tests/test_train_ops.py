@@ -238,3 +238,22 @@ def test_rms_norm_autograd_equals_plain(dtype, monkeypatch):
     for name, a, b in zip(("out", "dx", "dweight"), results[1], results[0], strict=True):
         assert a.dtype == b.dtype, name
         _close(name, a.float(), b.float(), tol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inv_rms_autograd_equals_plain(dtype, monkeypatch):
+    """The 1/RMS the shared block computes once for its norm and its q/k/v split."""
+    from zamba2.ops import norms
+
+    g = torch.Generator().manual_seed(12)
+    x, dr = torch.randn(2, 5, 16, generator=g).to(dtype), torch.randn(2, 5, 1, generator=g)
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(norms, "FUSED_BACKWARD", fused)
+        leaf = x.clone().requires_grad_()
+        r = norms.RMSNorm(16).inv_rms(leaf)
+        (r * dr).sum().backward()
+        results.append((r.detach(), leaf.grad))
+    for name, a, b in zip(("r", "dx"), results[1], results[0], strict=True):
+        assert a.dtype == b.dtype, name
+        _close(name, a.float(), b.float(), tol=1e-5 if dtype == torch.float32 else 1e-2)

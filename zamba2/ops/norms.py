@@ -19,11 +19,13 @@ class RMSNorm(nn.Module):
 
     def inv_rms(self, x: torch.Tensor) -> torch.Tensor:
         """1 / RMS(x) per position, fp32 (..., 1)."""
+        if FUSED_BACKWARD and torch.is_grad_enabled() and x.requires_grad:
+            return _InvRMSFn.apply(x, self.eps)
         return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
 
     def forward(self, x: torch.Tensor, inv_rms: torch.Tensor | None = None) -> torch.Tensor:
         training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if inv_rms is None and FUSED_BACKWARD and training:
+        if FUSED_BACKWARD and training:  # recomputes a given inv_rms bit for bit (the same ops)
             return _RMSNormFn.apply(x, self.weight, self.eps)
         r = self.inv_rms(x) if inv_rms is None else inv_rms
         return self.weight * (x.float() * r).to(x.dtype)
@@ -54,6 +56,22 @@ class _RMSNormFn(torch.autograd.Function):
         dg = (dout * weight).to(x.dtype).float()
         dx = (dg - g * (dg * g).mean(-1, keepdim=True)).mul_(r)
         return dx.to(x.dtype), dw, None
+
+
+class _InvRMSFn(torch.autograd.Function):
+    """r = 1 / RMS(x), as RMSNorm.inv_rms, keeping x in its own dtype (not autograd's fp32 copy).
+    Backward: dr/dx = -r^3 x / C over the C channels."""
+
+    @staticmethod
+    def forward(ctx, x, eps: float):
+        r = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, r)
+        return r
+
+    @staticmethod
+    def backward(ctx, dr):
+        x, r = ctx.saved_tensors
+        return (x.float() * (dr * r.pow(3) * (-1.0 / x.shape[-1]))).to(x.dtype), None
 
 
 class GatedRMSNorm(nn.Module):

@@ -71,7 +71,8 @@ class MixedPrecisionAdamW:
 
     def _buffer(self) -> torch.Tensor:
         if self.buffer is None:
-            size = max(BUCKET_VALUES, *(m.numel() for m in self.masters))
+            sizes = [m.numel() for m in self.masters]  # a LoRA's factors may hold less than one bucket in all
+            size = max(min(BUCKET_VALUES, sum(sizes)), *sizes)
             self.buffer = torch.empty(size, device=self.masters[0].device)
         return self.buffer
 
