@@ -204,6 +204,7 @@ def test_cli_bad_input_is_one_line(tmp_path, tokenizer_dir, corpus):
         (["--data", str(tmp_path / "missing.txt")], "not found"),
         (["--data", str(corpus), "--task", "sequence-classification"], "--num-labels"),
         (["--data", str(corpus), "--lora-rank", "4", "--lora-dropout", "1"], "[0, 1)"),
+        (["--data", str(corpus), "--optimizer-in-backward"], "--max-grad-norm 0"),
     ]
     for extra, needle in cases:
         r = _cli(*common, *extra)

@@ -177,8 +177,13 @@ def test_resume_is_bitwise_exact_with_masters(tmp_path, tokenizer_dir, corpus, d
         assert torch.equal(p.detach(), a[name]), name
 
 
-@pytest.mark.parametrize("kw, needle", [(dict(grad_accum=2, max_grad_norm=0.0), "--grad-accum 1 (got 2)"),
-                                        (dict(max_grad_norm=1.0), "--max-grad-norm 0 (got 1")])  # fmt: skip
+REFUSED = [
+    (dict(grad_accum=2, max_grad_norm=0), "--grad-accum 1, got 2"),
+    (dict(max_grad_norm=1.0), "--max-grad-norm 0 (no clipping), got 1"),
+]
+
+
+@pytest.mark.parametrize("kw, needle", REFUSED)
 def test_in_backward_refuses_accumulation_and_clipping(tmp_path, tokenizer_dir, corpus, kw, needle):
     with pytest.raises(DataError, match=re.escape(needle)):
         Trainer(tiny_run(tmp_path, corpus, tokenizer_dir, optimizer_in_backward=True, **kw))

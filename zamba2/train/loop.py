@@ -154,10 +154,11 @@ class Trainer:
             raise DataError(f"--seq-len must be at least 2, got {cfg.seq_len}")
         if cfg.dtype not in DTYPES:
             raise DataError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-        if cfg.optimizer_in_backward and (cfg.grad_accum != 1 or cfg.max_grad_norm > 0):
-            raise DataError("--optimizer-in-backward steps each parameter during the backward: it needs "
-                            f"--grad-accum 1 (got {cfg.grad_accum}) and --max-grad-norm 0 (got {cfg.max_grad_norm:g}; "
-                            "a global norm needs every gradient before the first step)")  # fmt: skip
+        if cfg.optimizer_in_backward and cfg.grad_accum != 1:
+            raise DataError(f"--optimizer-in-backward needs --grad-accum 1, got {cfg.grad_accum}")
+        if cfg.optimizer_in_backward and cfg.max_grad_norm > 0:
+            # a global norm needs every gradient before the first parameter is stepped
+            raise DataError(f"--optimizer-in-backward needs --max-grad-norm 0 (no clipping), got {cfg.max_grad_norm:g}")
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
