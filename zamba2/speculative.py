@@ -40,6 +40,11 @@ from zamba2.sampling import SamplingParams, processed_logits
 DEFAULT_NGRAM_SIZE = 2  # transformers' max_matching_ngram_size default
 DEFAULT_DRAFT_TOKENS = 4
 MAX_BACKOFF = 16  # plain decode steps after repeated outright rejections, at most
+# What one verification of k drafts costs, in plain decode steps (zamba2.bench.speculative verify, bf16, one CPU
+# core): 1.18-1.43 for k = 1..8 at the 1.2B architecture, 1.33-1.7 on the default model. A check pays off when it
+# yields more tokens than this plus its proposal's cost; the speculator backs off when its checks do not.
+VERIFY_COST = 1.4
+YIELD_MEMORY = 0.7  # weight of the past in the running mean of tokens per check
 
 
 @dataclass
@@ -69,6 +74,10 @@ class Proposer(Protocol):
         """The model kept the first n drafts of the last proposal."""
         ...
 
+    def cost(self, model) -> float:
+        """What proposing one token costs, in decode steps of `model` (an estimate; 0 for a free proposer)."""
+        ...
+
 
 class PromptLookup:
     """n-gram lookup in the prompt and the text so far (transformers' prompt_lookup_num_tokens)."""
@@ -93,6 +102,10 @@ class PromptLookup:
 
     def accepted(self, n: int) -> None:
         pass
+
+    def cost(self, model) -> float:
+        """What proposing one token costs, in decode steps of `model`: nothing (a search in the history)."""
+        return 0.0
 
 
 class DraftModel:
@@ -147,6 +160,17 @@ class DraftModel:
         self._drafts = drafts
         return drafts, torch.stack(probs) if probs else None
 
+    def cost(self, model) -> float:
+        """One draft step in decode steps of `model`, estimated from the two configs (so that the speculator's
+        choices, and a seeded sample, never depend on timing): parameters streamed, plus ~1M parameters' worth of
+        fixed work per layer (kernel launches, the small ops). The default model's 3-layer draft: 0.5 (measured
+        0.48); Zamba2-1.2B drafting for 7B: 0.16."""
+
+        def size(m) -> float:
+            return sum(p.numel() for p in m.parameters()) + 1e6 * m.config.num_hidden_layers
+
+        return size(self.model) / size(model)
+
     def accepted(self, n: int) -> None:
         if self.cache is not None and self.cache.speculating:
             keep = min(n, len(self._drafts) - 1)  # the last draft was never fed
@@ -177,7 +201,10 @@ class Speculator:
         self.stats = stats if stats is not None else SpeculationStats()
         self.k = num_tokens  # current draft length
         self._pause = 0  # plain steps left before the next proposal
-        self._backoff = 0  # the pause after the next outright rejection (doubles each time, up to MAX_BACKOFF)
+        self._backoff = 0  # the pause after the next failed check (doubles each time, up to MAX_BACKOFF)
+        cost = getattr(proposer, "cost", None)  # a proposer of one's own may leave it out: free
+        self._draft_cost = float(cost(model)) if cost is not None else 0.0  # decode steps per proposed token
+        self._yield: float | None = None  # running mean of the tokens a check emits
 
     @torch.no_grad()
     def step(
@@ -238,7 +265,7 @@ class Speculator:
                 tokens = tokens[: int(ended[0]) + 1]
         cache.commit(len(tokens))  # last_token and tokens[:-1]
         self.proposer.accepted(len(tokens) - 1)
-        self._adapt(j, len(drafts))
+        self._adapt(j, len(drafts), len(tokens))
         s = self.stats
         s.verifications += 1
         s.proposed += len(drafts)
@@ -246,14 +273,21 @@ class Speculator:
         s.tokens += len(tokens)
         return StepResult(tokens, raw[: len(tokens)], scores[: len(tokens)])
 
-    def _adapt(self, accepted: int, proposed: int) -> None:
-        """Longer drafts after a full acceptance, shorter after a rejection; after an outright rejection a pause
-        of plain steps, doubling while proposals keep failing (1, 2, 4 .. MAX_BACKOFF)."""
+    def _adapt(self, accepted: int, proposed: int, emitted: int) -> None:
+        """Longer drafts after a full acceptance, shorter after a rejection. A check fails when it is rejected
+        outright, or, for a proposer that costs something (a draft model), when checks have been yielding fewer
+        tokens than they cost (VERIFY_COST plus the proposal, in decode steps; a free proposer's check that keeps
+        one draft already yields 2 > VERIFY_COST). After a failed check comes a pause of plain steps, doubling
+        while checks keep failing (1, 2, 4 .. MAX_BACKOFF), then a probe. Every input is a token count or a
+        config, so the choices are deterministic (a seeded sample is reproducible)."""
         if accepted == proposed:
             self.k = min(self.max_drafts, self.k + 1)
         else:
             self.k = max(1, self.k - 1)
-        if accepted == 0:
+        y = emitted if self._yield is None else YIELD_MEMORY * self._yield + (1 - YIELD_MEMORY) * emitted
+        self._yield = y
+        costly = self._draft_cost > 0 and y < VERIFY_COST + self._draft_cost * proposed
+        if accepted == 0 or costly:
             self._backoff = min(MAX_BACKOFF, max(1, 2 * self._backoff))
             self._pause = self._backoff
         else:

@@ -115,9 +115,11 @@ def _run(model, ids: list[int], n: int, kwargs: dict, method: dict, seed: int) -
 
 
 @torch.no_grad()
-def decode_gain(model, draft, tokenizer, n: int, rounds: int, lookup_k: int, draft_k: int,
+def decode_gain(model, draft, tokenizer, n: int, rounds: int, lookup_ks: list[int], draft_k: int,
                 passage_tokens: int) -> list[dict[str, Any]]:  # fmt: skip
-    methods: dict[str, dict] = {"plain": {}, f"prompt lookup k={lookup_k}": {"prompt_lookup_num_tokens": lookup_k}}
+    methods: dict[str, dict] = {"plain": {}}
+    for k in lookup_ks:
+        methods[f"prompt lookup k={k}"] = {"prompt_lookup_num_tokens": k}
     if draft is not None:
         methods[f"draft model k={draft_k}"] = {"assistant_model": draft, "num_assistant_tokens": draft_k}
     rows = []
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--model", default=str(zamba2.DEFAULT_MODEL))
     d.add_argument("--draft", help="a smaller model with the same tokenizer (e.g. recipes/default_model draft)")
     d.add_argument("--new-tokens", type=int, default=128)
-    d.add_argument("--lookup-tokens", type=int, default=8)
+    d.add_argument("--lookup-tokens", type=int, nargs="+", default=[8], help="prompt lookup's k (several: each a row)")
     d.add_argument("--draft-tokens", type=int, default=4)
     d.add_argument("--passage-tokens", type=int, default=200, help="held-out tokens the grounded prompt holds")
     d.add_argument("--verify-json", metavar="FILE", help="a `verify --json` result: project prompt lookup's "
