@@ -439,3 +439,32 @@ def test_errors():
         spec.step(cache, 3, [4, 5], SamplingParams())
     with pytest.raises(ValueError, match="int >= 1"):
         Speculator(model, PromptLookup(), 0)
+
+
+def test_a_draft_that_costs_more_than_it_saves_backs_off():
+    """The model as its own draft is always right, but each draft step costs a whole decode step: checks yield
+    k + 1 tokens for 1.4 + k steps, so the speculator mostly decodes plainly; told the same draft is cheap, it
+    keeps checking. The output is plain greedy's either way."""
+    model = build()
+    ids = repetitive(3, 5, seed=3)
+    plain = model.generate(ids, max_new_tokens=40, eos_token_id=[])
+
+    class Cheap(DraftModel):
+        def cost(self, model) -> float:
+            return 0.1
+
+    for proposer, backs_off in ((DraftModel(model), True), (Cheap(model), False)):
+        assert 0.9 < DraftModel(model).cost(model) < 1.1
+        stats = SpeculationStats()
+        speculator = Speculator(model, proposer, 4, stats)
+        cache = model.model.new_cache(1, 64)
+        logits = prefill(model, ids, None, cache)
+        tokens = [int(logits.argmax(-1))]
+        history = torch.cat([ids[0], torch.tensor(tokens)])
+        while len(tokens) < 40:
+            out = speculator.step(cache, tokens[-1], history, SamplingParams(), max_tokens=40 - len(tokens))
+            tokens += out.tokens
+            history = torch.cat([history, torch.tensor(out.tokens)])
+        assert tokens == plain[0, ids.shape[1] :].tolist()
+        assert stats.accepted == stats.proposed > 0
+        assert (stats.plain_steps > 2 * stats.verifications) == backs_off, stats
