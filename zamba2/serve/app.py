@@ -42,6 +42,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zamba2.sampling import SamplingParams
+from zamba2.serve import loading
 from zamba2.serve.engine import Engine, Failure, GenerationRequest, Output, Progress, QueueFull, ShuttingDown
 from zamba2.serve.guard import GENERIC_500, Guard
 from zamba2.serve.metrics import ServerMetrics
@@ -114,26 +115,6 @@ def _shutting_down() -> APIError:
                     code="server_shutting_down")  # fmt: skip
 
 
-def _speculation(a, model, device):
-    """--prompt-lookup K or --draft-model PATH [--draft-tokens K]: how a lone stream decodes (serve/speculate.py)."""
-    lookup, draft = getattr(a, "prompt_lookup", None), getattr(a, "draft_model", None)
-    if lookup is None and draft is None:
-        return None
-    from zamba2.checkpoint import resolve_model_dir
-    from zamba2.model import Zamba2ForCausalLM
-    from zamba2.serve.speculate import SpeculationSettings
-
-    if draft is None:
-        return SpeculationSettings(prompt_lookup=lookup)
-    log.info("loading the draft model %s", draft)
-    assistant = Zamba2ForCausalLM.from_pretrained(resolve_model_dir(draft), dtype=model.dtype, device=device,
-                                                  progress=False).eval()  # fmt: skip
-    if assistant.config.vocab_size != model.config.vocab_size:
-        raise ValueError(f"--draft-model {draft}: vocab_size {assistant.config.vocab_size}, the model's is "
-                         f"{model.config.vocab_size}; the draft must share the model's tokenizer")  # fmt: skip
-    return SpeculationSettings(draft_model=assistant, draft_tokens=a.draft_tokens)
-
-
 class Server:
     """Everything one server holds: arguments, the loaded model's engine and tokenizer, metrics."""
 
@@ -153,35 +134,7 @@ class Server:
         """Load model + tokenizer and start the engine (runs in a thread at startup)."""
         a = self.args
         try:
-            import torch
-
-            from zamba2.checkpoint import eos_token_ids, resolve_model_dir
-            from zamba2.model import Zamba2ForCausalLM
-
-            if a.threads:
-                torch.set_num_threads(a.threads)
-            if a.compile:
-                from zamba2.ops import compiled
-
-                compiled.enable(True)
-            device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            folder = resolve_model_dir(a.model)
-            log.info("loading %s (%s, dtype %s, quantize %s, adapter %s)", folder, device, a.dtype, a.quantize,
-                     a.adapter)  # fmt: skip
-            model = Zamba2ForCausalLM.from_pretrained(
-                folder, dtype=a.dtype, device=device, quantize=a.quantize, progress=False, adapter=a.adapter
-            )
-            tokenizer = Tokenizer.from_pretrained(folder)
-            context = model.config.max_position_embeddings
-            if a.max_model_len is not None and a.max_model_len > context:
-                raise ValueError(f"--max-model-len {a.max_model_len} is more than the model's context "
-                                 f"(max_position_embeddings {context})")  # fmt: skip
-            engine = Engine(
-                model, tokenizer, max_concurrency=a.max_concurrency, max_queue=a.max_queue,
-                prefill_chunk=a.prefill_chunk, prompt_cache_bytes=int(a.prompt_cache_mb * 2**20),
-                eos_token_ids=eos_token_ids(folder, model.config.eos_token_id, tokenizer),
-                max_model_len=a.max_model_len or context, speculation=_speculation(a, model, device),
-            )  # fmt: skip
+            engine, tokenizer = loading.engine_for(a)
             engine.start()
             self.tokenizer, self.texts = tokenizer, TokenTexts(tokenizer)
             self.engine = engine  # set last: from here on the server is ready
