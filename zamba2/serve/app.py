@@ -13,7 +13,7 @@ Threads: uvicorn's event loop runs the handlers; the model loads in a thread at 
 channel whose sink hands engine events to the event loop (call_soon_threadsafe), then streams them as SSE or
 collects them into one response. A client that disconnects (streaming or not) cancels its request, which frees
 its batch row before the next decode step. CPU work that grows with the request (JSON parsing, chat templates,
-tokenising) runs in worker threads (`_offload`), so /health and the streams keep answering meanwhile.
+tokenising) runs in worker threads (`plumbing.offload`), so /health and the streams keep answering meanwhile.
 
 Every request passes guard.py first (request id, Content-Type, body size and timeout, the catch-all 500) and
 every error leaves in OpenAI's shape. An engine Failure is a 500 with a generic message and the request id (the
@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,6 +46,7 @@ from zamba2.serve import loading
 from zamba2.serve.engine import Engine, Failure, GenerationRequest, Output, Progress, QueueFull, ShuttingDown
 from zamba2.serve.guard import GENERIC_500, Guard
 from zamba2.serve.metrics import ServerMetrics
+from zamba2.serve.plumbing import KEEP_ALIVE, Channel, offload, sse, wait_for_disconnect
 from zamba2.serve.protocol import (
     APIError,
     ChatRequest,
@@ -64,44 +65,8 @@ from zamba2.tokenizer import Tokenizer
 log = logging.getLogger("zamba2.serve")
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the limit
-OFFLOAD_BYTES = 16 << 10  # bodies and texts from this size on are parsed / tokenised in a worker thread
-KEEP_ALIVE = ": keep-alive\n\n"
 ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
              "/detokenize", "/tokenizer_info"}  # fmt: skip
-
-
-class _Channel:
-    """Engine thread -> event loop: each event is put on an asyncio.Queue from the loop's own thread, as
-    (choice index, event); `sink(i)` is the engine sink of choice i."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-    def sink(self, index: int) -> Callable[[Any], None]:
-        return lambda event: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    """Returns when the client goes away (the body has been read, so the next message is the disconnect)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-T = TypeVar("T")
-
-
-async def _offload(size: int, fn: Callable[..., T], *args, **kwargs) -> T:
-    """fn(*args, **kwargs), in a worker thread when `size` (bytes or characters of input) makes it long."""
-    if size < OFFLOAD_BYTES:
-        return fn(*args, **kwargs)
-    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 def _error_response(err: APIError) -> Response:
@@ -201,7 +166,7 @@ class Server:
         """Submit one request per choice and answer with them all (a stream, or one JSON response)."""
         engine = self.engine
         assert engine is not None and self.texts is not None
-        channel = _Channel(asyncio.get_running_loop())
+        channel = Channel(asyncio.get_running_loop())
         rids: list[int] = []
         try:
             for i, gen in enumerate(gens):
@@ -242,9 +207,9 @@ class Server:
         self.metrics.prompt_tokens.inc(last.prompt_tokens)
         self.metrics.generation_tokens.inc(last.completion_tokens)
 
-    async def _collect(self, request: Request, channel: _Channel, rids: list[int], builder: ResponseBuilder,
+    async def _collect(self, request: Request, channel: Channel, rids: list[int], builder: ResponseBuilder,
                        received: float) -> Response:  # fmt: skip
-        gone = asyncio.ensure_future(_wait_for_disconnect(request))
+        gone = asyncio.ensure_future(wait_for_disconnect(request))
         outputs: list[list[Output]] = [[] for _ in rids]
         pending = len(rids)
         try:
@@ -271,14 +236,14 @@ class Server:
             self._finished(outs[-1])
         return JSONResponse(builder.whole(outputs))
 
-    async def _stream(self, channel: _Channel, rids: list[int], builder: ResponseBuilder, received: float,
+    async def _stream(self, channel: Channel, rids: list[int], builder: ResponseBuilder, received: float,
                       request_id: str) -> AsyncIterator[str]:  # fmt: skip
         complete = False
         started = [False] * len(rids)
         lasts: list[Output | None] = [None] * len(rids)
         try:
             if builder.kind == "chat":
-                yield _sse(builder.chunk("", None, None, role=True))
+                yield sse(builder.chunk("", None, None, role=True))
             while not all(lasts):
                 try:
                     index, event = await asyncio.wait_for(channel.queue.get(), self.args.keep_alive)
@@ -296,16 +261,16 @@ class Server:
                 if not started[index]:
                     started[index] = True
                     if builder.echoes[index] is not None:
-                        yield _sse(builder.echo_chunk(index, event))
+                        yield sse(builder.echo_chunk(index, event))
                 if event.text or (event.logprobs and builder.top_logprobs is not None):
-                    yield _sse(builder.chunk(event.text, event.logprobs, None, index=index))
+                    yield sse(builder.chunk(event.text, event.logprobs, None, index=index))
                 if event.finish_reason is not None:
-                    yield _sse(builder.chunk("", None, event.finish_reason, index=index))
+                    yield sse(builder.chunk("", None, event.finish_reason, index=index))
                     self._finished(event)
                     lasts[index] = event
             else:
                 if builder.include_usage:
-                    yield _sse(builder.usage_chunk(lasts))  # type: ignore[arg-type]
+                    yield sse(builder.usage_chunk(lasts))  # type: ignore[arg-type]
             yield "data: [DONE]\n\n"
             complete = True
         finally:
@@ -386,12 +351,12 @@ def create_app(args: argparse.Namespace) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         received = time.monotonic()
         raw = await request.body()
-        body: ChatRequest = await _offload(len(raw), parse_body, raw, ChatRequest)
+        body: ChatRequest = await offload(len(raw), parse_body, raw, ChatRequest)
         _, tokenizer = server.require(body.model)
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         try:
-            ids = await _offload(len(raw), tokenizer.apply_chat_template,
+            ids = await offload(len(raw), tokenizer.apply_chat_template,
                                  [m.as_template_input() for m in body.messages], tokenize=True)  # fmt: skip
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages", code="invalid_value") from None
@@ -405,7 +370,7 @@ def create_app(args: argparse.Namespace) -> FastAPI:
     async def completions(request: Request) -> Response:
         received = time.monotonic()
         raw = await request.body()
-        body: CompletionRequest = await _offload(len(raw), parse_body, raw, CompletionRequest)
+        body: CompletionRequest = await offload(len(raw), parse_body, raw, CompletionRequest)
         engine, tokenizer = server.require(body.model)
         prompts = body.prompts()
         most = args.max_concurrency + args.max_queue
@@ -417,7 +382,7 @@ def create_app(args: argparse.Namespace) -> FastAPI:
         gens, echoes = [], []
         for i, prompt in enumerate(prompts):
             # text gets the tokenizer's bos; token ids are scored and continued exactly as sent
-            ids = await _offload(len(prompt), tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
+            ids = await offload(len(prompt), tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
             if not ids or any(not 0 <= t < vocab for t in ids):
                 where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
                 raise APIError(400, f"{where} must be text or a non-empty list of token ids in [0, {vocab})",
@@ -451,29 +416,29 @@ def create_app(args: argparse.Namespace) -> FastAPI:
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(request: Request) -> dict[str, Any]:
         raw = await request.body()
-        body: TokenizeRequest = await _offload(len(raw), parse_body, raw, TokenizeRequest)
+        body: TokenizeRequest = await offload(len(raw), parse_body, raw, TokenizeRequest)
         engine, tokenizer = server.require(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "pass exactly one of prompt and messages", param="prompt", code="invalid_value")
         if body.messages is not None:
             try:
-                ids = await _offload(len(raw), tokenizer.apply_chat_template,
+                ids = await offload(len(raw), tokenizer.apply_chat_template,
                                      [m.as_template_input() for m in body.messages],
                                      add_generation_prompt=body.add_generation_prompt is not False, tokenize=True)
             except ValueError as exc:
                 raise APIError(400, str(exc), param="messages", code="invalid_value") from None
         else:
-            ids = await _offload(len(raw), tokenizer.encode, body.prompt or "",
+            ids = await offload(len(raw), tokenizer.encode, body.prompt or "",
                                  add_special_tokens=body.add_special_tokens is not False)  # fmt: skip
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize", dependencies=auth)
     async def detokenize(request: Request) -> dict[str, Any]:
         raw = await request.body()
-        body: DetokenizeRequest = await _offload(len(raw), parse_body, raw, DetokenizeRequest)
+        body: DetokenizeRequest = await offload(len(raw), parse_body, raw, DetokenizeRequest)
         _, tokenizer = server.require(body.model)
         try:
-            return {"prompt": await _offload(len(raw), tokenizer.decode, body.tokens)}
+            return {"prompt": await offload(len(raw), tokenizer.decode, body.tokens)}
         except ValueError as exc:
             raise APIError(400, str(exc), param="tokens", code="invalid_value") from None
 
