@@ -219,8 +219,10 @@ def test_cli_interrupt_writes_a_resumable_checkpoint(tmp_path, tokenizer_dir, co
     args = ["--config", "tiny", "--tokenizer", str(tokenizer_dir), "--data", str(corpus), "--out", str(out),
             "--seq-len", "32", "--batch-size", "2", "--steps", "100000", "-q"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # Ctrl-C as a terminal sends it: a suite started in the background (nohup, `&`) inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler, so the child gets SIGINT's default disposition back.
     proc = subprocess.Popen([sys.executable, "-m", "zamba2", "train", *args], stderr=subprocess.PIPE, text=True,
-                            env=env)  # fmt: skip
+                            env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.is_file() and '"step": 3' in metrics.read_text()):
