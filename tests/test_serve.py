@@ -65,6 +65,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path, limit: float = 120) -> None:
+    """Until the server at `url` answers /health with 200; fails with its log if it exits or takes too long."""
+    deadline = time.monotonic() + limit
+    while True:
+        assert proc.poll() is None, "server exited: " + log.read_text()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"server did not become healthy within {limit:.0f} s"
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def server(checkpoint: Path):
     port = free_port()
@@ -79,16 +93,7 @@ def server(checkpoint: Path):
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, "server exited: " + (checkpoint.parent / "server.log").read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy within 120 s"
-            time.sleep(0.2)
+        wait_healthy(proc, url, checkpoint.parent / "server.log")
         yield url
     finally:
         proc.terminate()

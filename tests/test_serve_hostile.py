@@ -29,6 +29,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from test_serve import wait_healthy  # noqa: E402
+
 from zamba2.cache import HybridCache  # noqa: E402
 from zamba2.config import Zamba2Config  # noqa: E402
 from zamba2.model import Zamba2ForCausalLM  # noqa: E402
@@ -119,16 +121,7 @@ class Proc:
             "--log-level", "info", *extra,
         ]  # fmt: skip
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while True:
-            assert self.proc.poll() is None, "server exited: " + log.read_text()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy within 120 s"
-            time.sleep(0.2)
+        wait_healthy(self.proc, self.url, log)
 
     def text(self) -> str:
         return self.log_path.read_text()

@@ -140,10 +140,8 @@ def test_serve_with_the_shipped_draft_model_end_to_end(tmp_path):
     pytest.importorskip("uvicorn")
     import subprocess
     import sys
-    import time
-    from pathlib import Path
 
-    from test_serve import ROOT, free_port
+    from test_serve import ROOT, free_port, wait_healthy
 
     import zamba2
     from zamba2.tokenizer import Tokenizer
@@ -159,16 +157,7 @@ def test_serve_with_the_shipped_draft_model_end_to_end(tmp_path):
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, Path(tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy"
-            time.sleep(0.2)
+        wait_healthy(proc, url, tmp_path / "server.log")
         prompt = "KING HENRY.\nNow, lords, "
         body = {"model": "shakespeare", "prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 1}
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
