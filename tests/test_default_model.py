@@ -104,3 +104,15 @@ def test_shipped_draft_model_drafts_for_the_default_model():
     ids = torch.tensor([Tokenizer.from_pretrained(DRAFT).encode("KING HENRY.\nNow, lords, ")])
     plain = model.generate(ids, max_new_tokens=24, do_sample=False)
     assert torch.equal(model.generate(ids, max_new_tokens=24, do_sample=False, assistant_model=draft), plain)
+
+
+def test_demo_runs_and_speculation_gives_the_same_text():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "zamba2.demo"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "speculative: " in r.stderr and "Traceback" not in r.stderr
+    # the last two texts are the plain and the speculative greedy runs of the same prompt
+    texts = r.stdout.split("Running: zamba2 generate --greedy")[1:]
+    assert len(texts) == 2
+    plain, spec = (t.split("\n", 1)[1].split("\n\nThe model writes")[0].strip() for t in texts)
+    assert plain and plain == spec
