@@ -47,6 +47,14 @@ VERIFY_COST = 1.4
 YIELD_MEMORY = 0.7  # weight of the past in the running mean of tokens per check
 
 
+def check_draft_vocab(name: str, model_vocab: int, draft_vocab: int) -> None:
+    """A draft model proposes ids of the model's vocabulary: refuse one whose vocab_size differs (the CLI and the
+    server check the configs before they load or serve anything)."""
+    if draft_vocab != model_vocab:
+        raise ValueError(f"--draft-model {name}: vocab_size {draft_vocab}, the model's is {model_vocab}; "
+                         "the draft must share the model's tokenizer")  # fmt: skip
+
+
 @dataclass
 class SpeculationStats:
     """Counters a speculative generation fills in (the CLI's statistics line, the server's /metrics)."""

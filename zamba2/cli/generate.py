@@ -129,12 +129,13 @@ def _draft_folder(args: argparse.Namespace, folder: Path) -> Path | None:
     if name is None:
         return None
     from zamba2.checkpoint import read_config
+    from zamba2.speculative import check_draft_vocab
 
     draft = _resolve(name, None, args.quiet)
-    mine, theirs = read_config(folder).vocab_size, read_config(draft).vocab_size
-    if mine != theirs:
-        raise UsageError(f"--draft-model {name}: vocab_size {theirs}, the model's is {mine}; "
-                         "the draft must share the model's tokenizer")  # fmt: skip
+    try:
+        check_draft_vocab(name, read_config(folder).vocab_size, read_config(draft).vocab_size)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     return draft
 
 

@@ -58,7 +58,7 @@ from zamba2.serve.requests import (  # noqa: F401  (re-exported: the engine's pu
     fair_shares,
     pick,
 )
-from zamba2.serve.speculate import SpeculationSettings, speculative_step
+from zamba2.serve.speculate import SpeculationSettings, emit, speculative_step
 from zamba2.speculative import SpeculationStats
 from zamba2.tokenizer import Tokenizer
 
@@ -396,7 +396,7 @@ class Engine(PromptStage):
             self._running, self._batch = [], None
             self._fail(seq, f"decode step failed: {type(exc).__name__}: {exc}")
             return
-        emitted, done, failure = picked.emit(seq)
+        emitted, done, failure = emit(seq, picked)
         s = self.stats
         s.generated_tokens += emitted
         s.decode_steps += 1

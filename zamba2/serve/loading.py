@@ -7,10 +7,11 @@ import logging
 
 import torch
 
-from zamba2.checkpoint import eos_token_ids, resolve_model_dir
+from zamba2.checkpoint import eos_token_ids, read_config, resolve_model_dir
 from zamba2.model import Zamba2ForCausalLM
 from zamba2.serve.engine import Engine
 from zamba2.serve.speculate import SpeculationSettings
+from zamba2.speculative import check_draft_vocab
 from zamba2.tokenizer import Tokenizer
 
 log = logging.getLogger("zamba2.serve")
@@ -51,10 +52,8 @@ def speculation(a: argparse.Namespace, model, device) -> SpeculationSettings | N
         return None
     if draft is None:
         return SpeculationSettings(prompt_lookup=lookup)
+    folder = resolve_model_dir(draft)
+    check_draft_vocab(draft, model.config.vocab_size, read_config(folder).vocab_size)  # before loading its weights
     log.info("loading the draft model %s", draft)
-    assistant = Zamba2ForCausalLM.from_pretrained(resolve_model_dir(draft), dtype=model.dtype, device=device,
-                                                  progress=False).eval()  # fmt: skip
-    if assistant.config.vocab_size != model.config.vocab_size:
-        raise ValueError(f"--draft-model {draft}: vocab_size {assistant.config.vocab_size}, the model's is "
-                         f"{model.config.vocab_size}; the draft must share the model's tokenizer")  # fmt: skip
+    assistant = Zamba2ForCausalLM.from_pretrained(folder, dtype=model.dtype, device=device, progress=False).eval()
     return SpeculationSettings(draft_model=assistant, draft_tokens=a.draft_tokens)

@@ -19,7 +19,14 @@ import torch
 
 from zamba2.cache import HybridCache
 from zamba2.serve.requests import Slot
-from zamba2.speculative import DEFAULT_DRAFT_TOKENS, DraftModel, PromptLookup, SpeculationStats, Speculator
+from zamba2.speculative import (
+    DEFAULT_DRAFT_TOKENS,
+    DraftModel,
+    PromptLookup,
+    SpeculationStats,
+    Speculator,
+    StepResult,
+)
 
 log = logging.getLogger("zamba2.serve")
 
@@ -47,37 +54,28 @@ class SpeculationSettings:
         return Speculator(model, DraftModel(self.draft_model), k, stats)
 
 
-@dataclass
-class Picked:
-    """What one speculative step gave a request: its tokens with the raw logits (n, V) of each."""
-
-    tokens: list[int]
-    logits: torch.Tensor
-
-    def emit(self, seq: Slot) -> tuple[int, bool, str | None]:
-        """Record the tokens in seq (its Outputs go out) until it finishes: (tokens emitted, finished, failure
-        message or None). Non-finite logits or a failing output end the request there."""
-        finite = torch.isfinite(self.logits).all(-1).tolist()
-        for i, (token, ok) in enumerate(zip(self.tokens, finite, strict=True)):
-            if not ok:
-                return i, False, "the model's logits are not finite (NaN or inf)"
-            try:
-                if seq.advance(token, self.logits[i]):
-                    return i + 1, True, None
-            except Exception as exc:
-                log.exception("request %d: output failed", seq.id)
-                return i, False, f"output failed: {type(exc).__name__}: {exc}"
-        return len(self.tokens), False, None
-
-
-def speculative_step(seq: Slot, batch: HybridCache, speculator: Speculator) -> Picked:
-    """Feed seq's last token (and drafts) through `batch` (its only row); returns the tokens to emit.
-
-    Afterwards `batch` holds seq.tokens + tokens[:-1], as after plain decode steps. Raises what the model or
-    the proposer raises; the caller fails the request (the batch then holds only that request)."""
+def speculative_step(seq: Slot, batch: HybridCache, speculator: Speculator) -> StepResult:
+    """Feed seq's last token (and drafts) through `batch` (its only row); returns the tokens to emit with their
+    raw logits. Afterwards `batch` holds seq.tokens + tokens[:-1], as after plain decode steps. Raises what the
+    model or the proposer raises; the caller fails the request (the batch then holds only that request)."""
     req = seq.request
-    out = speculator.step(
+    return speculator.step(
         batch, seq.next_token, seq.tokens, req.params, seq.generator,
         max_tokens=req.max_tokens - seq.generated, eos_token_ids=sorted(seq.eos),
     )  # fmt: skip
-    return Picked(out.tokens, out.logits)
+
+
+def emit(seq: Slot, out: StepResult) -> tuple[int, bool, str | None]:
+    """Record a step's tokens in seq (its Outputs go out) until it finishes: (tokens emitted, finished, failure
+    message or None). Non-finite logits or a failing output end the request there."""
+    finite = torch.isfinite(out.logits).all(-1).tolist()
+    for i, (token, ok) in enumerate(zip(out.tokens, finite, strict=True)):
+        if not ok:
+            return i, False, "the model's logits are not finite (NaN or inf)"
+        try:
+            if seq.advance(token, out.logits[i]):
+                return i + 1, True, None
+        except Exception as exc:
+            log.exception("request %d: output failed", seq.id)
+            return i, False, f"output failed: {type(exc).__name__}: {exc}"
+    return len(out.tokens), False, None
