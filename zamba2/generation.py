@@ -18,7 +18,7 @@ import torch
 from zamba2 import compat
 from zamba2.cache import HybridCache
 from zamba2.generation_config import GenerationConfig, merged
-from zamba2.sampling import SamplingParams, processed_logits, sample_next
+from zamba2.sampling import SamplingParams, pick_from, processed_logits, sample_next
 
 if TYPE_CHECKING:
     from zamba2.speculative import SpeculationStats
@@ -237,8 +237,11 @@ def generate_iter(
             logits = logits.index_fill(-1, eos, float("-inf"))  # no end of sequence before min_new_tokens
         prev = (history[:, :pos], seen[:, :pos]) if use_history else (None, None)
         if scores is not None:
-            scores.append((raw.float(), processed_logits(logits, params, *prev)))
-        tokens = sample_next(logits, params, generator, *prev)
+            processed = processed_logits(logits, params, *prev)  # once: recorded, then picked from
+            scores.append((raw.float(), processed))
+            tokens = pick_from(processed, params, generator)
+        else:
+            tokens = sample_next(logits, params, generator, *prev)
         tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)
         history[:, pos] = tokens
         seen[:, pos] = ~finished

@@ -229,8 +229,12 @@ def sample_next(
     `prev_mask` (B, T) bool marks which of them count (False for padding). Sampling draws from
     `generator` so a seeded generator reproduces the same tokens.
     """
-    logits = processed_logits(logits, params, prev_ids, prev_mask)
+    return pick_from(processed_logits(logits, params, prev_ids, prev_mask), params, generator)
+
+
+def pick_from(scores: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row of already processed scores (B, V) (see `processed_logits`): the argmax when greedy,
+    else a draw from their softmax; (B,) int64."""
     if params.greedy:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        return scores.argmax(dim=-1)
+    return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator).squeeze(-1)

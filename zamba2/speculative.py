@@ -35,7 +35,7 @@ import torch
 
 from zamba2.cache import HybridCache
 from zamba2.generation import check_finite, decode_step, prefill
-from zamba2.sampling import SamplingParams, processed_logits
+from zamba2.sampling import SamplingParams, pick_from, processed_logits
 
 DEFAULT_NGRAM_SIZE = 2  # transformers' max_matching_ngram_size default
 DEFAULT_DRAFT_TOKENS = 4
@@ -252,7 +252,7 @@ class Speculator:
         if not drafts:
             raw = decode_step(self.model, history[-1:], cache).float()  # (1, V)
             scores = position_scores(raw, params, history, [], eos, no_eos_for)
-            token = int(pick(scores, params, generator)[0])
+            token = int(pick_from(scores, params, generator)[0])
             self.stats.plain_steps += 1
             self.stats.tokens += 1
             return StepResult([token], raw, scores)
@@ -331,13 +331,6 @@ def position_scores(
     return processed_logits(logits, params, prev, mask)
 
 
-def pick(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of processed scores (m, V), as `sampling.sample_next` picks it: (m,) long."""
-    if params.greedy:
-        return scores.argmax(dim=-1)
-    return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(-1)
-
-
 def accept(
     scores: torch.Tensor,
     drafts: Sequence[int],
@@ -393,7 +386,7 @@ def generate_tokens(
     eos_t = torch.tensor(list(eos), dtype=torch.long, device=history.device)
     row = history[0]
     first_scores = position_scores(logits.float(), params, row[:prompt_len], [], eos_t, min_new_tokens)
-    step = StepResult([int(pick(first_scores, params, generator)[0])], logits.float(), first_scores)
+    step = StepResult([int(pick_from(first_scores, params, generator)[0])], logits.float(), first_scores)
     n = 0
     while True:
         for i, token in enumerate(step.tokens):
