@@ -389,8 +389,8 @@ def generate_tokens(
     step = StepResult([int(pick_from(first_scores, params, generator)[0])], logits.float(), first_scores)
     n = 0
     while True:
+        check_finite(step.logits, n)  # every position the step picked from, one check
         for i, token in enumerate(step.tokens):
-            check_finite(step.logits[i : i + 1], n)
             pos = prompt_len + n
             row[pos] = token
             if scores is not None:
