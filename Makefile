@@ -35,20 +35,18 @@ clean:
 # The shipped default model (zamba2/models/shakespeare): fetch + split the corpus, train with `zamba2 train`
 # (resumable: run it again after an interruption), then export bf16 weights and the model card.
 DM := build/default-model
+# The recipe both shipped models are trained with; only the config (and the output folder) differ.
+RECIPE := --tokenizer $(DM)/tokenizer --data $(DM)/train --eval-data $(DM)/heldout --resume \
+  --seq-len 512 --batch-size 8 --lr 2e-3 --warmup 40 --weight-decay 0.1 --steps 800 \
+  --eval-every 100 --eval-batches 8 --save-every 20 --dtype bf16-autocast --seed 0 --threads 1
 default-model: setup
 	$(PY) recipes/default_model/prepare.py $(DM)
-	$(PY) -m zamba2 train --config recipes/default_model/config.json --tokenizer $(DM)/tokenizer \
-	  --data $(DM)/train --eval-data $(DM)/heldout --out $(DM)/run --resume \
-	  --seq-len 512 --batch-size 8 --lr 2e-3 --warmup 40 --weight-decay 0.1 --steps 800 \
-	  --eval-every 100 --eval-batches 8 --save-every 20 --dtype bf16-autocast --seed 0 --threads 1
+	$(PY) -m zamba2 train --config recipes/default_model/config.json --out $(DM)/run $(RECIPE)
 	$(PY) recipes/default_model/finish.py $(DM)
 
 # The draft model for speculative decoding (zamba2/models/shakespeare-draft): 3 layers, the same data and tokenizer.
 DRAFT := build/draft-model
 draft-model: setup
 	$(PY) recipes/default_model/prepare.py $(DM)
-	$(PY) -m zamba2 train --config recipes/default_model/draft.json --tokenizer $(DM)/tokenizer \
-	  --data $(DM)/train --eval-data $(DM)/heldout --out $(DRAFT)/run --resume \
-	  --seq-len 512 --batch-size 8 --lr 2e-3 --warmup 40 --weight-decay 0.1 --steps 800 \
-	  --eval-every 100 --eval-batches 8 --save-every 20 --dtype bf16-autocast --seed 0 --threads 1
+	$(PY) -m zamba2 train --config recipes/default_model/draft.json --out $(DRAFT)/run $(RECIPE)
 	$(PY) recipes/default_model/draft.py $(DRAFT)
