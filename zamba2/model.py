@@ -22,6 +22,7 @@ from zamba2.generation import generate, generate_iter
 from zamba2.generation_config import GenerationConfig
 from zamba2.layers.attention import AttentionMask
 from zamba2.layers.blocks import HybridLayer, MambaLayer, SharedBlock
+from zamba2.layers.linear import Linear
 from zamba2.ops.loss import causal_lm_loss, fused_linear_cross_entropy
 from zamba2.ops.norms import RMSNorm
 from zamba2.ops.rope import rope_tables
@@ -241,7 +242,7 @@ class Zamba2ForCausalLM(Zamba2PreTrainedModel):
         super().__init__()
         self.config = config
         self.model = Zamba2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         # generate()'s defaults; from_pretrained replaces it with the checkpoint's generation_config.json.
         self.generation_config = GenerationConfig.from_model_config(config)
         self._post_init()
@@ -298,7 +299,7 @@ class Zamba2ForSequenceClassification(Zamba2PreTrainedModel):
         self.config = config
         self.num_labels = config.num_labels
         self.model = Zamba2Model(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.score = Linear(config.hidden_size, config.num_labels, bias=False)
         self._post_init()
 
     def forward(

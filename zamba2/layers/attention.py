@@ -7,20 +7,23 @@ adapters add B_j A_j x to q, k and v; adapter slot j lives here for the hybrid l
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from zamba2.cache import HybridCache
 from zamba2.config import Zamba2Config
-from zamba2.ops import compiled
+from zamba2.layers.linear import Linear, is_plain
+from zamba2.ops import compiled, gemm
 from zamba2.ops.rope import apply_rope
 from zamba2.quant import QuantizedLinear
 
 
 def low_rank_adapter(d_in: int, rank: int, d_out: int) -> nn.Sequential:
     """in -> rank -> out, bias-free; `.0` / `.1` are the checkpoint names of the two factors."""
-    return nn.Sequential(nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=False))
+    return nn.Sequential(Linear(d_in, rank, bias=False), Linear(rank, d_out, bias=False))
 
 
 EmbeddingParts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -36,7 +39,7 @@ def linear_columns(linear: nn.Linear | QuantizedLinear, x: torch.Tensor, start: 
     """x (..., stop - start) times the input features [start, stop) of a bias-free projection's weight."""
     if isinstance(linear, QuantizedLinear):
         return linear.forward_columns(x, start, stop)
-    return F.linear(x, linear.weight[:, start:stop])
+    return gemm.linear(x, linear.weight[:, start:stop])
 
 
 # From this many keys on, eager one-query attention loops over rows and heads (see `one_query`). Per call, batch 1:
@@ -116,10 +119,10 @@ class SharedAttention(nn.Module):
         self.scale = (self.head_dim / 2) ** -0.5
         self.dropout = config.attention_dropout
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        self.q_proj = nn.Linear(W, q_out, bias=False)
-        self.k_proj = nn.Linear(W, kv_out, bias=False)
-        self.v_proj = nn.Linear(W, kv_out, bias=False)
-        self.o_proj = nn.Linear(q_out, config.hidden_size, bias=False)
+        self.q_proj = Linear(W, q_out, bias=False)
+        self.k_proj = Linear(W, kv_out, bias=False)
+        self.v_proj = Linear(W, kv_out, bias=False)
+        self.o_proj = Linear(q_out, config.hidden_size, bias=False)
         self.use_adapters = config.use_shared_attention_adapter
         if self.use_adapters:
             r = config.adapter_rank
@@ -137,7 +140,7 @@ class SharedAttention(nn.Module):
         codes can be cut at the middle column (int8; int4 when a group does not straddle it)."""
         W = self.q_proj.in_features
         return self.split_projections and all(
-            type(p) is nn.Linear or (isinstance(p, QuantizedLinear) and p.can_take_columns(0, W // 2))
+            is_plain(p) or (isinstance(p, QuantizedLinear) and p.can_take_columns(0, W // 2))
             for p in (self.q_proj, self.k_proj, self.v_proj)
         )
 
@@ -193,13 +196,23 @@ class SharedAttention(nn.Module):
         elif T == 1 and not self.training:
             out, weights = self._one_query(q, k, v, mask), None
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal and T > 1, dropout_p=dropout,
-                scale=self.scale, enable_gqa=self.n_kv != self.n_heads,
-            )  # fmt: skip
-            weights = None
+            out, weights = self._sdpa(q, k, v, mask, dropout), None
         out = out.transpose(1, 2).reshape(b, T, self.n_heads * self.head_dim)
         return use_linear(self.o_proj, out, slot), weights
+
+    def _sdpa(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, dropout: float
+    ) -> torch.Tensor:
+        """SDPA, in fp32 when its backward will run on a CPU without a fast bf16 GEMM (zamba2/ops/gemm.py; the
+        bf16 backward of 32 heads x 512 tokens took 1.46 s there against 0.41 s in fp32)."""
+        wide = torch.is_grad_enabled() and q.requires_grad and gemm.upcasts(q.dtype, q.device, q.shape[-2])
+        with torch.autocast(q.device.type, enabled=False) if wide else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(
+                *((q.float(), k.float(), v.float()) if wide else (q, k, v)), attn_mask=mask.mask,
+                is_causal=mask.is_causal and q.shape[-2] > 1, dropout_p=dropout, scale=self.scale,
+                enable_gqa=self.n_kv != self.n_heads,
+            )  # fmt: skip
+        return out.to(q.dtype)
 
     def _one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         """Decode: one query per row, q (B, na, 1, d), k/v (B, nkv, S, d) -> (B, na, 1, d). Query heads are

@@ -12,6 +12,7 @@ from torch import nn
 from zamba2.cache import HybridCache
 from zamba2.config import Zamba2Config
 from zamba2.layers.attention import AttentionMask, EmbeddingParts, SharedAttention
+from zamba2.layers.linear import Linear
 from zamba2.layers.mamba2 import Mamba2Mixer
 from zamba2.layers.mlp import SharedMLP
 from zamba2.ops.norms import RMSNorm
@@ -83,7 +84,7 @@ class HybridLayer(nn.Module):
     def __init__(self, config: Zamba2Config, layer_idx: int, slot: int, block: SharedBlock, owner: bool) -> None:
         super().__init__()
         self.slot = slot
-        self.linear = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.linear = Linear(config.hidden_size, config.hidden_size, bias=False)
         self.mamba_decoder = MambaLayer(config, layer_idx)
         if owner:
             self.shared_transformer = block

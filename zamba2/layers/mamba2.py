@@ -16,6 +16,7 @@ from torch import nn
 
 from zamba2.cache import HybridCache
 from zamba2.config import Zamba2Config
+from zamba2.layers.linear import Linear
 from zamba2.ops import compiled, conv
 from zamba2.ops.conv import conv_step
 from zamba2.ops.norms import GatedRMSNorm, gated_rms_norm
@@ -41,7 +42,7 @@ class Mamba2Mixer(nn.Module):
         self.chunk_size = min(config.chunk_size, MAX_SCAN_CHUNK)
         self.dt_min, self.dt_max = config.dt_limit
         # in_proj output order: gate z (I), then xBC (I + 2GN), then dt (H)
-        self.in_proj = nn.Linear(config.hidden_size, self.I + self.conv_dim + self.H, bias=config.add_bias_linear)
+        self.in_proj = Linear(config.hidden_size, self.I + self.conv_dim + self.H, bias=config.add_bias_linear)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, config.mamba_d_conv, groups=self.conv_dim,
             padding=config.mamba_d_conv - 1, bias=config.use_conv_bias,
@@ -50,7 +51,7 @@ class Mamba2Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.H))
         self.D = nn.Parameter(torch.empty(self.H))
         self.norm = GatedRMSNorm(self.I, group_size=self.I // self.G, eps=1e-5)
-        self.out_proj = nn.Linear(self.I, config.hidden_size, bias=config.add_bias_linear)
+        self.out_proj = Linear(self.I, config.hidden_size, bias=config.add_bias_linear)
 
     @torch.no_grad()
     def init_ssm_parameters(self, config: Zamba2Config) -> None:

@@ -8,6 +8,7 @@ from torch import nn
 
 from zamba2.config import Zamba2Config
 from zamba2.layers.attention import low_rank_adapter, use_linear
+from zamba2.layers.linear import Linear
 
 _ACT = {
     "gelu": F.gelu,
@@ -23,8 +24,8 @@ class SharedMLP(nn.Module):
     def __init__(self, config: Zamba2Config, slots: list[int]) -> None:
         super().__init__()
         H, Fdim = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = nn.Linear(H, 2 * Fdim, bias=config.add_bias_linear)  # first half is the gate
-        self.down_proj = nn.Linear(Fdim, H, bias=config.add_bias_linear)
+        self.gate_up_proj = Linear(H, 2 * Fdim, bias=config.add_bias_linear)  # first half is the gate
+        self.down_proj = Linear(Fdim, H, bias=config.add_bias_linear)
         self.act = _ACT[config.hidden_act]
         self.gate_up_proj_adapter_list = nn.ModuleDict(
             {str(j): low_rank_adapter(H, config.adapter_rank, 2 * Fdim) for j in slots}

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zamba2.ops import gemm
+
 IGNORE_INDEX = -100
 # fp32 logits per block of rows: 4M values (16 MB), 128 rows at a 32k vocabulary
 BLOCK_VALUES = 1 << 22
@@ -46,18 +48,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, h, weight, labels, dtype: torch.dtype):
         n, V = h.shape[0], weight.shape[0]
+        # Products in `dtype`, or in fp32 on its exact upcasts where zamba2/ops/gemm.py says so (once here, not
+        # once per block); `rounded` then rounds what the native product would take in `dtype`.
+        wide = gemm.upcasts(dtype, h.device, n)
         hc, w = h.to(dtype), weight.to(dtype)
+        if wide:
+            hc, w = hc.float(), w.float()
+        rounded = (lambda t: t.to(dtype).float()) if wide else (lambda t: t.to(dtype))
         counted = labels != IGNORE_INDEX
         scale = 1.0 / counted.sum().float()  # inf when nothing counts: the loss is then NaN, as in F.cross_entropy
         safe = labels.masked_fill(~counted, 0)
         need_w = ctx.needs_input_grad[1]
         dlogits = torch.empty(n, V, dtype=dtype, device=h.device) if need_w else None
-        dh = torch.empty(n, h.shape[1], dtype=dtype, device=h.device)
+        dh = torch.empty(n, h.shape[1], dtype=hc.dtype, device=h.device)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         rows = max(1, BLOCK_VALUES // V)
         for start in range(0, n, rows):
             end = min(start + rows, n)
-            z = F.linear(hc[start:end], w).float()  # (rows, V)
+            z = rounded(F.linear(hc[start:end], w)).float()  # (rows, V)
             lse = torch.logsumexp(z, dim=-1)  # (rows,)
             tgt, keep = safe[start:end], counted[start:end]
             picked = z.gather(1, tgt[:, None])[:, 0]
@@ -66,11 +74,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = z.sub_(lse[:, None]).exp_()
             g.scatter_add_(1, tgt[:, None], torch.full_like(picked[:, None], -1.0))
             g.mul_((keep * scale)[:, None])
-            g = g.to(dtype)
+            g = rounded(g)
             torch.mm(g, w, out=dh[start:end])
             if need_w:
                 dlogits[start:end] = g
-        dw = torch.mm(dlogits.t(), hc) if need_w else None  # (V, H)
+        dw = torch.mm(rounded(dlogits).t(), hc).to(dtype) if need_w else None  # (V, H)
         ctx.save_for_backward(dh, dw) if need_w else ctx.save_for_backward(dh)
         ctx.h_dtype, ctx.w_dtype, ctx.need_w = h.dtype, weight.dtype, need_w
         return total * scale

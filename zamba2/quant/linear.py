@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zamba2.ops import gemm
 from zamba2.quant.schemes import (
     MODES,
     _check_weight,
@@ -304,7 +305,7 @@ class QuantizedLinear(nn.Module):
     def _product(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """x (..., stop - start) @ W[:, start:stop]^T, without bias."""
         if not self._use_kernel(x):
-            return F.linear(x, self.dequantized_weight()[:, start:stop].to(x.dtype))
+            return gemm.linear(x, self.dequantized_weight()[:, start:stop].to(x.dtype))
         lead = x.shape[:-1]
         x2 = x.reshape(-1, stop - start).contiguous()  # (M, K'): both kernels take 2-D, row-contiguous
         if x2.shape[0] >= DEQUANTIZE_ROWS[self.mode]:
@@ -312,7 +313,7 @@ class QuantizedLinear(nn.Module):
             # (only the columns asked for) and using the dtype's GEMM costs one pass over those codes and runs at
             # matmul speed.
             scratch = _scratch(self.out_features * self.in_features, x)
-            return F.linear(x, self.dequantized_as(x.dtype, out=scratch, columns=(start, stop)))
+            return gemm.linear(x, self.dequantized_as(x.dtype, out=scratch, columns=(start, stop)))
         weight, scales = self._kernel_tensors(x.dtype, start, stop)
         if self.mode == "int8":
             y = torch._weight_int8pack_mm(x2, weight, scales)  # (M, N)

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from zamba2.layers.blocks import HybridLayer, SharedBlock
+from zamba2.layers.linear import Linear, is_plain
 from zamba2.quant import QuantizedLinear
 from zamba2.train import peft_format
 from zamba2.train.lora_layers import LoraBase, LoraLinear, SlotLoraLinear
@@ -179,7 +180,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings, explicit_targets: bool 
                 f"LoRA target matches {path}, a quantised linear; adapters go on float weights: load the float "
                 "checkpoint with adapter= and quantize= together (adapters are merged before quantising)"
             )
-        if type(m) is not nn.Linear:
+        if not is_plain(m):
             raise ValueError(
                 f"LoRA target matches {path}, a {type(m).__name__}; only linear layers (nn.Linear) take an adapter "
                 "here (targets are module-name suffixes such as 'q_proj' or 'mamba.in_proj')"
@@ -284,7 +285,7 @@ def merge_and_unload(model: nn.Module) -> list[str]:
     kept = merge_lora(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, LoraBase) and m.merged:
-            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            plain = Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
             plain.weight, plain.bias = m.weight, m.bias
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, plain)

@@ -15,14 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zamba2.layers.linear import Linear
+from zamba2.ops import gemm
+
 
 def _factors(base: nn.Linear, r: int) -> tuple[nn.Linear, nn.Linear]:
     """A (r, in) and B (out, r) on the base's device; fp32 when the base is half precision (as PEFT keeps them),
     so that small updates are not rounded away."""
     w = base.weight
     dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
-    A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=dtype)
-    B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=dtype)
+    A = Linear(base.in_features, r, bias=False, device=w.device, dtype=dtype)
+    B = Linear(r, base.out_features, bias=False, device=w.device, dtype=dtype)
     nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
     nn.init.zeros_(B.weight)
     return A, B
@@ -62,7 +65,7 @@ class LoraLinear(LoraBase):
         self.lora_A, self.lora_B = _factors(base, r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = gemm.linear(x, self.weight, self.bias)
         return y if self.merged else y + self._delta(x, self.lora_A, self.lora_B, y.dtype)
 
 
@@ -79,7 +82,7 @@ class SlotLoraLinear(LoraBase):
         self.lora_B = nn.ModuleDict({j: b for j, (_, b) in pairs.items()})
 
     def forward(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = gemm.linear(x, self.weight, self.bias)
         key = str(slot)
         if self.merged or key not in self.lora_A:
             return y
