@@ -44,6 +44,7 @@ from zamba2.bench.memory import GB, peak_rss_bytes, reset_peak_rss, weight_bytes
 from zamba2.bench.models import build_ours, build_reference
 from zamba2.bench.runner import WorkerProcess, prompt, worker_env
 from zamba2.config import Zamba2Config
+from zamba2.ops import gemm
 from zamba2.train.precision import MixedPrecisionAdamW
 
 OPTIMIZERS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
@@ -87,7 +88,12 @@ def linear_calls(model: nn.Module, ids: torch.Tensor) -> list[tuple[int, int, in
 
 
 def gemm_floor(calls: list[tuple[int, int, int, bool]], dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
-    """Seconds and FLOPs of the forward and backward products of `calls` alone, on constant bf16 operands."""
+    """Seconds and FLOPs of the forward and backward products of `calls` alone, on constant bf16 operands. On a
+    CPU without bf16 GEMM kernels (zamba2/ops/gemm.py: there torch's bf16 loops run at 0.16-10 GFLOP/s) the
+    fastest way to these products is fp32 arithmetic on the exact upcasts, so the floor times fp32 products
+    (without the upcasts themselves)."""
+    if not gemm.has_native_kernels(dtype):
+        dtype = torch.float32
     seconds = flops = 0.0
     for rows, k, n, trainable in calls:
         x, w = torch.full((rows, k), 0.01, dtype=dtype), torch.full((n, k), 0.01, dtype=dtype)
@@ -148,10 +154,12 @@ class TrainRunner:
             "weight_bytes": weight_bytes(self.model),
             "trainable": sum(p.numel() for p in params),
             "master_bytes": 4 * sum(m.numel() for m in self.mixed.masters) if self.mixed is not None else 0,
+            "gemm_route": "bf16" if gemm.has_native_kernels(torch.bfloat16) else "fp32 (no bf16 GEMM kernels here)",
             "gemm_flops": sum(2 * r * k * n * (3 if t else 2) for r, k, n, t in self.calls),
         }
         self._phase("build")
-        self.repeat()  # warm-up: first-touch pages, oneDNN kernels, the optimizer's moments; not reported
+        if not (impl == "ref" and args.no_ref_warmup):
+            self.repeat()  # warm-up: first-touch pages, oneDNN kernels, the optimizer's moments; not reported
 
     def _phase(self, name: str) -> None:
         self.peaks[name] = max(self.peaks.get(name, 0), peak_rss_bytes())
@@ -270,6 +278,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
     argv += ["--grad-checkpointing"] if args.grad_checkpointing else []
     argv += ["--precision", args.precision, "--ref-precision", args.ref_precision]
     argv += ["--optimizer-in-backward"] if args.optimizer_in_backward else []
+    argv += ["--no-ref-warmup"] if args.no_ref_warmup else []
     return argv + (["--lora", str(args.lora)] if args.lora else [])
 
 
@@ -387,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-precision", choices=["autocast", "bf16"], default="autocast", help="the same, reference")
     p.add_argument("--optimizer-in-backward", action="store_true", help="ours: step each parameter in the backward")
     p.add_argument("--only", choices=["ours", "ref"])
+    p.add_argument("--no-ref-warmup", action="store_true",
+                   help="no warm-up step for the reference (where its step takes tens of minutes: a CPU without bf16 "
+                   "GEMM kernels)")  # fmt: skip
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="where to write the results (bench-results/train-*.json)")

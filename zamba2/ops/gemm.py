@@ -46,11 +46,11 @@ def set_mode(mode: str | None) -> None:
 
 
 @functools.cache
-def _cpu_lacks(dtype: torch.dtype) -> bool:
-    """Whether torch has no oneDNN kernels for `dtype` products on this CPU (so its reference loops run)."""
+def has_native_kernels(dtype: torch.dtype) -> bool:
+    """Whether torch has oneDNN kernels for `dtype` products on this CPU (else its reference loops run)."""
     if dtype == torch.bfloat16:
-        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_fp16_supported()
 
 
 def _env_mode() -> str:
@@ -65,7 +65,7 @@ def upcasts(dtype: torch.dtype, device: torch.device, rows: int) -> bool:
     if dtype not in _LOW or device.type != "cpu" or rows < UPCAST_MIN_ROWS:
         return False
     mode = _mode or _env_mode()
-    return mode == "upcast" or (mode == "auto" and _cpu_lacks(dtype))
+    return mode == "upcast" or (mode == "auto" and not has_native_kernels(dtype))
 
 
 class _UpcastLinear(torch.autograd.Function):
@@ -117,4 +117,3 @@ def _upcast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     if torch.is_grad_enabled() and tracked:
         return _UpcastLinear.apply(x, weight, bias)
     return _linear32(x, weight, bias)
-

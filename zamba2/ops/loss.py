@@ -78,7 +78,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             torch.mm(g, w, out=dh[start:end])
             if need_w:
                 dlogits[start:end] = g
-        dw = torch.mm(rounded(dlogits).t(), hc).to(dtype) if need_w else None  # (V, H)
+        dw = torch.mm(dlogits.t(), hc) if need_w and not wide else None  # (V, H)
+        if need_w and wide:  # by blocks of vocabulary rows, so no fp32 (V, H) product exists at once
+            dw = torch.empty(V, h.shape[1], dtype=dtype, device=h.device)
+            step = max(1, BLOCK_VALUES // h.shape[1])
+            for v0 in range(0, V, step):
+                dw[v0 : v0 + step] = torch.mm(dlogits[:, v0 : v0 + step].float().t(), hc)
         ctx.save_for_backward(dh, dw) if need_w else ctx.save_for_backward(dh)
         ctx.h_dtype, ctx.w_dtype, ctx.need_w = h.dtype, weight.dtype, need_w
         return total * scale
