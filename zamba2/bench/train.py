@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", choices=["ours", "ref"])
     p.add_argument("--no-ref-warmup", action="store_true",
                    help="no warm-up step for the reference (where its step takes tens of minutes: a CPU without bf16 "
-                   "GEMM kernels)")  # fmt: skip
+                   "GEMM kernels); its peak RSS then lacks the AdamW moments in forward and backward")  # fmt: skip
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="where to write the results (bench-results/train-*.json)")
