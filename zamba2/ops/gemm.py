@@ -101,7 +101,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias), x (..., in), weight (out, in), upcast where `upcasts` says so. Under autocast
     the operands are first cast to the autocast dtype, as autocast would (so the rounding is the same)."""
     device, rows = x.device.type, x.numel() // max(x.shape[-1], 1)
-    if device != "cpu":  # the route is for CPUs only
+    if device != "cpu" or rows < UPCAST_MIN_ROWS:  # off the CPU, and decode: straight to F.linear
         return F.linear(x, weight, bias)
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)

@@ -78,8 +78,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             torch.mm(g, w, out=dh[start:end])
             if need_w:
                 dlogits[start:end] = g
-        dw = torch.mm(dlogits.t(), hc) if need_w and not wide else None  # (V, H)
-        if need_w and wide:  # by blocks of vocabulary rows, so no fp32 (V, H) product exists at once
+        dw = None  # (V, H)
+        if need_w and not wide:
+            dw = torch.mm(dlogits.t(), hc)
+        elif need_w:  # by blocks of vocabulary rows, so no fp32 (V, H) product exists at once
             dw = torch.empty(V, h.shape[1], dtype=dtype, device=h.device)
             step = max(1, BLOCK_VALUES // h.shape[1])
             for v0 in range(0, V, step):
